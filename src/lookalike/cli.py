@@ -1,0 +1,176 @@
+"""The `lookalike` command line. Calls the pipeline (and `models` for set-up) only."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lookalike import models
+from lookalike.errors import LookalikeError
+from lookalike.pipeline import Catalog, PipelineConfig
+
+
+def _where(pairs: list[str]) -> dict[str, str] | None:
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise LookalikeError(f"--where {pair!r}: expected KEY=VALUE")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out or None
+
+
+def _box(text: str | None) -> int | dict | None:
+    if text is None:
+        return None
+    if text.isdigit():
+        return int(text)
+    try:
+        x1, y1, x2, y2 = (float(v) for v in text.split(","))
+    except ValueError:
+        raise LookalikeError(f"--box {text!r}: expected a detected box number or x1,y1,x2,y2 in pixels") from None
+    return {"x1": x1, "y1": y1, "x2": x2, "y2": y2, "label": "manual", "score": 1.0}
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    config = None
+    if args.detector or args.embedder:
+        config = PipelineConfig(detector=args.detector, embedder=args.embedder)
+    with Catalog.open(args.catalog, config=config, create=True, threads=args.threads) as cat:
+        bar = tqdm(total=None, unit="img", disable=args.quiet or None, desc="indexing", file=sys.stderr)
+
+        def progress(done: int, total: int | None) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        report = cat.index(args.source, progress=progress, prune=not args.keep_missing)
+        bar.close()
+        for where, reason in report.failed:
+            print(f"skipped {where}: {reason}", file=sys.stderr)
+        if args.json:
+            print(json.dumps(report.to_dict(), indent=2))
+        else:
+            products, images = cat.store.count()
+            print(
+                f"indexed {report.processed} image(s) ({report.added} new, {report.updated} changed), "
+                f"{report.unchanged} unchanged, {report.removed} removed, {len(report.failed)} skipped "
+                f"in {report.seconds:.1f} s; catalog: {products} products, {images} images"
+            )
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    with Catalog.open(args.catalog, threads=args.threads) as cat:
+        result = cat.search(args.image, k=args.k, where=_where(args.where), box=_box(args.box))
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+    q = result.query
+    used = q.box_used
+    where = f" box {used.x1:.0f},{used.y1:.0f},{used.x2:.0f},{used.y2:.0f}" if used else ""
+    print(f"query: {len(q.boxes)} shoe box(es) detected; searched with the {q.crop} crop{where} ({q.took_ms:.0f} ms)")
+    for rank, m in enumerate(result.results, 1):
+        meta = " ".join(f"{k}={v}" for k, v in m.metadata.items())
+        print(f"{rank:>3}  {m.score:.4f}  {m.product_id}  {m.image}  {meta}".rstrip())
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    with Catalog.open(args.catalog) as cat:
+        info = cat.info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for key, value in info.items():
+            print(f"{key}: {json.dumps(value) if isinstance(value, dict) else value}")
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    with Catalog.open(args.catalog) as cat:
+        n = cat.remove(args.product_ids)
+        products, images = cat.store.count()
+    print(f"removed {n} image(s); catalog: {products} products, {images} images")
+    return 0 if n else 1
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    if args.action == "pull":
+        tgz = Path(args.objectron_tgz) if args.objectron_tgz else None
+        for path in models.pull(force=args.force, objectron_tgz=tgz):
+            print(f"ok {path}")
+        return 0
+    bad = 0
+    for name in (models.DETECTOR, models.EMBEDDER):
+        status = models.check(name)
+        print(f"{'ok' if status.ok else 'MISSING'} {status.path} ({status.reason})")
+        bad += not status.ok
+    if bad:
+        print(models.PULL_HINT, file=sys.stderr)
+    return 1 if bad else 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lookalike", description="Visual product search for shoe catalogs.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def catalog_arg(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--catalog", required=True, help="catalog directory")
+
+    sp = sub.add_parser("index", help="index a folder of images or a manifest (incremental)")
+    sp.add_argument("source", help="folder (sub-folder = product) or .csv/.parquet/.jsonl manifest")
+    catalog_arg(sp)
+    sp.add_argument("--detector", help="detector ONNX (YOLOv8 layout); default: Open Images SSD")
+    sp.add_argument("--embedder", help="embedder ONNX; default: EfficientNet-Lite0")
+    sp.add_argument("--threads", type=int, default=2)
+    sp.add_argument("--keep-missing", action="store_true", help="keep images no longer in the source")
+    sp.add_argument("--json", action="store_true", help="print the report as JSON")
+    sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    sp.set_defaults(func=cmd_index)
+
+    sp = sub.add_parser("search", help="find the catalog products most like a photo")
+    sp.add_argument("image", help="image path or http(s) URL")
+    catalog_arg(sp)
+    sp.add_argument("-k", type=int, default=10)
+    sp.add_argument("--where", action="append", metavar="KEY=VALUE", help="metadata filter, repeatable")
+    sp.add_argument("--box", help="detected box number to search with, or x1,y1,x2,y2")
+    sp.add_argument("--threads", type=int, default=2)
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_search)
+
+    sp = sub.add_parser("info", help="catalog size and configuration")
+    catalog_arg(sp)
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_info)
+
+    sp = sub.add_parser("remove", help="remove products by id")
+    sp.add_argument("product_ids", nargs="+")
+    catalog_arg(sp)
+    sp.set_defaults(func=cmd_remove)
+
+    sp = sub.add_parser("models", help="fetch or check the model files")
+    sp.add_argument("action", choices=["pull", "check"])
+    sp.add_argument("--force", action="store_true", help="rebuild even if present")
+    sp.add_argument("--objectron-tgz", help="use this `npm pack` tarball instead of running npm")
+    sp.set_defaults(func=cmd_models)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LookalikeError as e:
+        print(f"lookalike: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lookalike: interrupted; what was indexed so far is kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Feature extractors running in ONNX Runtime.
+
+Default: EfficientNet-Lite0 (ImageNet), exported by `lookalike models pull` with its last
+feature map as output, so the pooling is chosen here. Any other ONNX image model works too:
+output [N, D] is used as is, [N, C, H, W] is pooled. Its preprocessing comes from the ONNX
+metadata keys lookalike.input_size / lookalike.mean / lookalike.std, defaulting to ImageNet's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from lookalike.detect import session
+from lookalike.errors import LookalikeError
+from lookalike.models import onnx_metadata
+
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+def _floats(text: str | None, default: tuple[float, ...]) -> np.ndarray:
+    values = tuple(float(v) for v in text.split(",")) if text else default
+    return np.asarray(values, dtype=np.float32).reshape(1, 1, 3)
+
+
+def l2_normalize(v: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(v, axis=-1, keepdims=True)
+    return (v / np.maximum(norm, 1e-12)).astype(np.float32)
+
+
+class Embedder:
+    """Image -> L2-normalised vector. `pooling` is 'avg' or 'gem' for feature-map outputs."""
+
+    def __init__(self, path: Path | str, threads: int = 1, pooling: str = "avg", gem_p: float = 3.0):
+        self.path = Path(path)
+        self.session = session(path, threads)
+        meta = onnx_metadata(self.session)
+        inp = self.session.get_inputs()[0]
+        if len(inp.shape) != 4:
+            raise LookalikeError(f"{path}: embedder input must be an image tensor [N,C,H,W] or [N,H,W,C]")
+        self.input_name = inp.name
+        self.nchw = inp.shape[1] == 3
+        fixed = [d for d in (inp.shape[2:] if self.nchw else inp.shape[1:3]) if isinstance(d, int)]
+        self.size = int(meta.get("lookalike.input_size") or (fixed[0] if fixed else 224))
+        self.mean = _floats(meta.get("lookalike.mean"), IMAGENET_MEAN)
+        self.std = _floats(meta.get("lookalike.std"), IMAGENET_STD)
+        self.batchable = not isinstance(inp.shape[0], int)
+        if pooling not in ("avg", "gem"):
+            raise LookalikeError(f"unknown pooling {pooling!r}: use avg or gem")
+        self.pooling = pooling
+        self.gem_p = gem_p
+        self.dim = int(self._run([Image.new("RGB", (self.size, self.size), "white")]).shape[1])
+
+    def preprocess(self, img: Image.Image) -> np.ndarray:
+        if img.size != (self.size, self.size):
+            img = img.resize((self.size, self.size), Image.BILINEAR)
+        x = (np.asarray(img, dtype=np.float32) - self.mean) / self.std
+        return x.transpose(2, 0, 1) if self.nchw else x
+
+    def _pool(self, out: np.ndarray) -> np.ndarray:
+        if out.ndim == 2:
+            return out
+        if out.ndim != 4:
+            raise LookalikeError(f"{self.path}: embedder output must be [N,D] or [N,C,H,W], got {out.shape}")
+        if self.pooling == "gem":
+            return np.power(np.mean(np.power(np.clip(out, 1e-6, None), self.gem_p), axis=(2, 3)), 1 / self.gem_p)
+        return out.mean(axis=(2, 3))
+
+    def _run(self, images: list[Image.Image]) -> np.ndarray:
+        batch = np.stack([self.preprocess(im) for im in images]).astype(np.float32)
+        if self.batchable:
+            out = self.session.run(None, {self.input_name: batch})[0]
+        else:
+            out = np.concatenate([self.session.run(None, {self.input_name: b[None]})[0] for b in batch])
+        return self._pool(out)
+
+    def __call__(self, images: list[Image.Image]) -> np.ndarray:
+        """[N, dim] float32, unit length."""
+        if not images:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return l2_normalize(self._run(images))

@@ -1,0 +1,18 @@
+"""Errors a user can act on: each carries one readable line."""
+
+
+class LookalikeError(Exception):
+    """Base class: the message is meant to be shown to the user as is."""
+
+
+class ModelMissingError(LookalikeError):
+    """A model file is absent or fails its checksum."""
+
+
+class BadImageError(LookalikeError):
+    """An input could not be turned into an RGB image; the message names it and says why."""
+
+    def __init__(self, source: str, reason: str):
+        super().__init__(f"{source}: {reason}")
+        self.source = source
+        self.reason = reason

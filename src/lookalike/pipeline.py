@@ -1,0 +1,343 @@
+"""Index and search, composed from the parts: source -> image -> boxes -> crop -> vector -> store.
+
+The faces (CLI, web app, API, eval) use `Catalog` and nothing below it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from lookalike import models
+from lookalike.catalog import Item, SourceProblem, iter_source
+from lookalike.crop import Crop, CropConfig, choose_crop
+from lookalike.detect import Box, load_detector
+from lookalike.embed import Embedder
+from lookalike.errors import BadImageError, LookalikeError
+from lookalike.images import DEFAULT_LIMITS, ImageSource, Limits, decode, describe, read_bytes
+from lookalike.store import ImageRecord, LocalStore, Store
+
+BATCH = 64
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Everything that changes the vectors: fixed per catalog, recorded in it."""
+
+    detector: str | None = None  # ONNX path; None = the default Open Images SSD
+    embedder: str | None = None  # ONNX path; None = the default EfficientNet-Lite0
+    pooling: str = "avg"
+    crop: CropConfig = field(default_factory=CropConfig)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> PipelineConfig:
+        d = json.loads(text)
+        crop = d.pop("crop", {})
+        crop["pad_color"] = tuple(crop.get("pad_color", (255, 255, 255)))
+        return cls(crop=CropConfig(**crop), **d)
+
+
+class Models:
+    """The detector and embedder, loaded once on first use and shared by threads."""
+
+    def __init__(self, config: PipelineConfig, threads: int = 1):
+        self.config = config
+        self.threads = threads
+        self._lock = threading.Lock()
+        self._detector = None
+        self._embedder: Embedder | None = None
+
+    @property
+    def detector(self):
+        with self._lock:
+            if self._detector is None:
+                path = self.config.detector or models.resolve(models.DETECTOR)
+                self._detector = load_detector(path, self.threads)
+            return self._detector
+
+    @property
+    def embedder(self) -> Embedder:
+        with self._lock:
+            if self._embedder is None:
+                path = self.config.embedder or models.resolve(models.EMBEDDER)
+                self._embedder = Embedder(path, self.threads, pooling=self.config.pooling)
+            return self._embedder
+
+
+@dataclass(frozen=True)
+class Processed:
+    vector: np.ndarray
+    boxes: list[Box]
+    crop: Crop
+
+
+def process(mdl: Models, img: Image.Image, box: Box | None = None, boxes: list[Box] | None = None) -> Processed:
+    """The one path every image takes, catalog or query: detect, crop, embed."""
+    if boxes is None:
+        boxes = mdl.detector(img)
+    crop = choose_crop(img, boxes, mdl.config.crop, manual=box)
+    vector = mdl.embedder([crop.image])[0]
+    return Processed(vector, boxes, crop)
+
+
+@dataclass
+class Match:
+    product_id: str
+    score: float
+    image: str
+    metadata: dict
+
+    def to_dict(self) -> dict:
+        return {"product_id": self.product_id, "score": round(self.score, 6), "image": self.image,
+                "metadata": self.metadata}  # fmt: skip
+
+
+@dataclass
+class QueryInfo:
+    boxes: list[Box]
+    box_used: Box | None
+    crop: str
+    took_ms: float
+
+    def to_dict(self) -> dict:
+        return {
+            "boxes": [b.to_dict() for b in self.boxes],
+            "box_used": self.box_used.to_dict() if self.box_used else None,
+            "crop": self.crop,
+            "took_ms": round(self.took_ms, 2),
+        }
+
+
+@dataclass
+class SearchResult:
+    query: QueryInfo
+    results: list[Match]
+
+    def to_dict(self) -> dict:
+        return {"query": self.query.to_dict(), "results": [m.to_dict() for m in self.results]}
+
+
+@dataclass
+class IndexReport:
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    removed: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    crops: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def processed(self) -> int:
+        return self.added + self.updated
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["failed"] = [{"image": w, "reason": r} for w, r in self.failed]
+        return d
+
+
+Progress = Callable[[int, int | None], None]
+
+
+class Catalog:
+    """A searchable shoe catalog stored in one directory."""
+
+    def __init__(self, store: Store, config: PipelineConfig, threads: int = 2, limits: Limits = DEFAULT_LIMITS):
+        self.store = store
+        self.config = config
+        self.threads = max(1, threads)
+        self.limits = limits
+        self.models = Models(config, threads=1)
+        self._query_models: Models | None = None
+
+    @classmethod
+    def open(cls, directory: str | Path, config: PipelineConfig | None = None, create: bool = False,
+             threads: int = 2, limits: Limits = DEFAULT_LIMITS, **store_options) -> Catalog:  # fmt: skip
+        """Open a catalog; with create=True make it if absent. Its recorded config wins over `config`."""
+        directory = Path(directory)
+        if not create and not (directory / "catalog.db").exists():
+            raise LookalikeError(f"{directory}: no catalog here (create one with `lookalike index SOURCE --catalog {directory}`)")
+        store = LocalStore(directory, **store_options)
+        recorded = store.get_meta("config")
+        if recorded:
+            stored = PipelineConfig.from_json(recorded)
+            if config is not None and config != stored:
+                raise LookalikeError(
+                    f"{directory} was indexed with another pipeline configuration ({recorded}); "
+                    "use a new catalog directory for a different one"
+                )
+            config = stored
+        else:
+            config = config or PipelineConfig()
+            store.set_meta("config", config.to_json())
+        return cls(store, config, threads=threads, limits=limits)
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> Catalog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- indexing -----------------------------------------------------------------------------
+    def index(self, source: str | Path | Iterable[Item], progress: Progress | None = None,
+              prune: bool = True) -> IndexReport:  # fmt: skip
+        """Bring the catalog in line with the source: new or changed images are embedded,
+        images gone from the source are dropped (prune), failures are reported and kept out."""
+        t0 = time.perf_counter()
+        report = IndexReport()
+        items: list[Item] = []
+        for entry in iter_source(source) if isinstance(source, str | Path) else source:
+            if isinstance(entry, SourceProblem):
+                report.failed.append((entry.where, entry.reason))
+            else:
+                items.append(entry)
+        known = self.store.known()
+        seen = {(it.product_id, it.image) for it in items}
+        total = len(items)
+        done = 0
+        pending: list[ImageRecord] = []
+        with ThreadPoolExecutor(self.threads) as pool:
+            for chunk in _chunks(items, BATCH * self.threads):
+                for item, outcome in zip(chunk, pool.map(lambda it: self._prepare(it, known), chunk), strict=True):
+                    if isinstance(outcome, ImageRecord):
+                        pending.append(outcome)
+                        if (item.product_id, item.image) in known:
+                            report.updated += 1
+                        else:
+                            report.added += 1
+                        report.crops[outcome.crop] = report.crops.get(outcome.crop, 0) + 1
+                    elif outcome is None:
+                        report.unchanged += 1
+                    else:
+                        report.failed.append((item.image, outcome))
+                self.store.add(pending)
+                pending = []
+                done += len(chunk)
+                if progress:
+                    progress(done, total)
+        self._sync_metadata(items)
+        if prune:
+            gone = [key for key in known if key not in seen]
+            report.removed = self.store.remove(images=gone) if gone else 0
+        self.store.flush()
+        report.seconds = time.perf_counter() - t0
+        return report
+
+    def _prepare(self, item: Item, known: dict[tuple[str, str], str]) -> ImageRecord | str | None:
+        """ImageRecord to store, None when unchanged, or the reason it failed."""
+        try:
+            data = read_bytes(item.image, self.limits)
+            sha = hashlib.sha256(data).hexdigest()
+            if known.get((item.product_id, item.image)) == sha:
+                return None
+            out = process(self.models, decode(data, item.image, self.limits))
+        except BadImageError as e:
+            return e.reason
+        except LookalikeError:
+            raise
+        except Exception as e:  # one bad image must not stop a long run
+            return f"failed to process ({type(e).__name__}: {e})"
+        return ImageRecord(
+            item.product_id, item.image, sha, out.vector, out.crop.path,
+            out.crop.box.to_dict() if out.crop.box else None, item.metadata,
+        )  # fmt: skip
+
+    def _sync_metadata(self, items: list[Item]) -> None:
+        wanted: dict[str, dict] = {}
+        for it in items:
+            wanted.setdefault(it.product_id, it.metadata)
+        stored = self.store.products(list(wanted))
+        changed = {p: m for p, m in wanted.items() if p in stored and stored[p] != m}
+        if changed:
+            self.store.set_products(changed)
+
+    def remove(self, product_ids: list[str]) -> int:
+        """Drop products with all their images; returns the number of images removed."""
+        return self.store.remove(products=product_ids)
+
+    # -- search -------------------------------------------------------------------------------
+    @property
+    def query_models(self) -> Models:
+        """Query-time models use every thread for one image, sharing nothing with indexing."""
+        if self._query_models is None:
+            self._query_models = Models(self.config, threads=self.threads)
+        return self._query_models
+
+    def detect(self, image: ImageSource | Image.Image) -> tuple[Image.Image, list[Box]]:
+        img = self._load(image)
+        return img, self.query_models.detector(img)
+
+    def _load(self, image: ImageSource | Image.Image) -> Image.Image:
+        if isinstance(image, Image.Image):
+            return image.convert("RGB")
+        return decode(read_bytes(image, self.limits), describe(image), self.limits)
+
+    def search(self, image: ImageSource | Image.Image, k: int = 10, where: dict[str, str] | None = None,
+               box: int | Box | dict | None = None) -> SearchResult:  # fmt: skip
+        """Top-k products for a photo. `box`: index of a detected box, or a box of one's own."""
+        t0 = time.perf_counter()
+        img = self._load(image)
+        mdl = self.query_models
+        boxes = mdl.detector(img)
+        chosen: Box | None = None
+        if isinstance(box, int):
+            if not 0 <= box < len(boxes):
+                raise LookalikeError(f"box {box} does not exist: {len(boxes)} shoe(s) detected")
+            chosen = boxes[box]
+        elif isinstance(box, dict):
+            chosen = Box.from_dict(box)
+        elif isinstance(box, Box):
+            chosen = box
+        out = process(mdl, img, box=chosen, boxes=boxes)
+        matches = self.search_vector(out.vector, k, where)
+        info = QueryInfo(boxes, out.crop.box, out.crop.path, (time.perf_counter() - t0) * 1000)
+        return SearchResult(info, matches)
+
+    def search_vector(self, vector: np.ndarray, k: int = 10, where: dict[str, str] | None = None) -> list[Match]:
+        """Products ranked by their best image's similarity."""
+        if k < 1:
+            raise LookalikeError(f"k must be at least 1 (got {k})")
+        n = max(4 * k, 32)
+        while True:
+            hits = self.store.search(vector, n, where)
+            best: dict[str, object] = {}
+            for h in hits:
+                best.setdefault(h.product_id, h)
+            if len(best) >= k or len(hits) < n:
+                break
+            n *= 4
+        top = list(best.values())[:k]
+        metadata = self.store.products([h.product_id for h in top])
+        return [Match(h.product_id, h.score, h.image, metadata.get(h.product_id, {})) for h in top]
+
+    # -- information --------------------------------------------------------------------------
+    def info(self) -> dict:
+        products, images = self.store.count()
+        return {
+            "products": products,
+            "images": images,
+            "dim": self.store.dim,
+            "index": self.store.index_kind(),
+            "config": json.loads(self.config.to_json()),
+        }
+
+
+def _chunks(items: list, n: int) -> Iterator[list]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]

@@ -1,0 +1,66 @@
+"""The vector store interface the pipeline talks to.
+
+One catalog = products (id + metadata) and their images (key, content hash, vector, crop).
+The embedded default is `LocalStore` (SQLite + FAISS); a server-backed store implements the same
+methods and the pipeline does not change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclass
+class ImageRecord:
+    product_id: str
+    image: str
+    sha256: str
+    vector: np.ndarray
+    crop: str = "whole"
+    box: dict | None = None
+    metadata: dict = field(default_factory=dict)  # the product's
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One catalog image matching a query."""
+
+    product_id: str
+    image: str
+    score: float
+    crop: str
+    box: dict | None
+
+
+class Store(Protocol):
+    dim: int | None
+
+    def add(self, records: list[ImageRecord]) -> None:
+        """Insert or replace images (by product_id + image), atomically for the batch."""
+
+    def remove(self, images: list[tuple[str, str]] = (), products: list[str] = ()) -> int:
+        """Drop images by (product_id, image) and whole products; returns images removed."""
+
+    def search(self, vector: np.ndarray, k: int, where: dict[str, str] | None = None) -> list[Hit]:
+        """Top-k images by cosine similarity, optionally only of products whose metadata match."""
+
+    def count(self) -> tuple[int, int]:
+        """(products, images)."""
+
+    def known(self) -> dict[tuple[str, str], str]:
+        """(product_id, image) -> content sha256 of everything stored: what incremental indexing skips."""
+
+    def products(self, ids: list[str]) -> dict[str, dict]:
+        """Metadata of these products."""
+
+    def set_products(self, metadata: dict[str, dict]) -> None:
+        """Replace product metadata without touching vectors."""
+
+    def get_meta(self, key: str) -> str | None: ...
+
+    def set_meta(self, key: str, value: str) -> None: ...
+
+    def close(self) -> None: ...

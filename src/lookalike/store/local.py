@@ -1,0 +1,318 @@
+"""The embedded store: one directory holding a SQLite file and a FAISS index cache.
+
+SQLite (WAL) is the source of truth: products, images, their content hashes and vectors as
+float32 blobs, a schema version and migrations, as rclip does. The FAISS index lives in memory,
+built from SQLite on open (or read from `index-<generation>.faiss` when it matches the database),
+exact (flat inner product) for small catalogs and HNSW above `hnsw_threshold` images.
+A write is one SQLite transaction, so a killed run loses at most the batch it was writing.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from lookalike.errors import LookalikeError
+from lookalike.store.base import Hit, ImageRecord
+
+DB_NAME = "catalog.db"
+SCHEMA_VERSION = 1
+MIGRATIONS: dict[int, list[str]] = {
+    1: [
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        "CREATE TABLE products (product_id TEXT PRIMARY KEY, metadata TEXT NOT NULL DEFAULT '{}')",
+        """CREATE TABLE images (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            product_id TEXT NOT NULL REFERENCES products(product_id),
+            image TEXT NOT NULL,
+            sha256 TEXT NOT NULL,
+            vector BLOB NOT NULL,
+            crop TEXT NOT NULL,
+            box TEXT,
+            UNIQUE (product_id, image)
+        )""",
+        "CREATE INDEX images_product ON images(product_id)",
+    ],
+}
+
+
+class LocalStore:
+    def __init__(self, directory: Path | str, hnsw_threshold: int = 50_000, hnsw_m: int = 32,
+                 ef_construction: int = 80, ef_search: int = 128):  # fmt: skip
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.hnsw_threshold = hnsw_threshold
+        self.hnsw_m, self.ef_construction, self.ef_search = hnsw_m, ef_construction, ef_search
+        self.lock = threading.RLock()
+        try:
+            self.db = sqlite3.connect(
+                self.directory / DB_NAME, check_same_thread=False, isolation_level=None, timeout=30
+            )
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self._migrate()
+        except sqlite3.DatabaseError as e:
+            raise LookalikeError(f"{self.directory / DB_NAME}: not a readable catalog database ({e})") from None
+        dim = self.get_meta("dim")
+        self.dim = int(dim) if dim else None
+        self._index: faiss.Index | None = None
+
+    # -- schema -------------------------------------------------------------------------------
+    def _migrate(self) -> None:
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise LookalikeError(
+                f"{self.directory}: catalog schema {version} is newer than this lookalike ({SCHEMA_VERSION})"
+            )
+        for v in range(version + 1, SCHEMA_VERSION + 1):
+            with self._tx():
+                for stmt in MIGRATIONS[v]:
+                    self.db.execute(stmt)
+                self.db.execute(f"PRAGMA user_version={v}")
+
+    def _tx(self):
+        return _Transaction(self.db)
+
+    def get_meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.lock, self._tx():
+            self._set_meta(key, value)
+
+    def _set_meta(self, key: str, value: str) -> None:
+        self.db.execute(
+            "INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+            (key, value),
+        )
+
+    def _bump_generation(self) -> None:
+        gen = int(self.get_meta("generation") or 0) + 1
+        self._set_meta("generation", str(gen))
+
+    # -- writes -------------------------------------------------------------------------------
+    def add(self, records: list[ImageRecord]) -> None:
+        if not records:
+            return
+        dim = records[0].vector.shape[-1]
+        with self.lock:
+            if self.dim is None:
+                self.dim = dim
+            if any(r.vector.shape != (self.dim,) for r in records):
+                raise LookalikeError(f"vector size differs from the catalog's ({self.dim})")
+            replaced: list[int] = []
+            new_ids: list[int] = []
+            with self._tx():
+                if self.get_meta("dim") is None:
+                    self._set_meta("dim", str(self.dim))
+                for r in records:
+                    self.db.execute(
+                        "INSERT INTO products(product_id, metadata) VALUES(?, ?) "
+                        "ON CONFLICT(product_id) DO UPDATE SET metadata=excluded.metadata",
+                        (r.product_id, json.dumps(r.metadata, sort_keys=True)),
+                    )
+                    old = self.db.execute(
+                        "SELECT id FROM images WHERE product_id=? AND image=?", (r.product_id, r.image)
+                    ).fetchone()
+                    if old:
+                        replaced.append(old[0])
+                        self.db.execute("DELETE FROM images WHERE id=?", (old[0],))
+                    cur = self.db.execute(
+                        "INSERT INTO images(product_id, image, sha256, vector, crop, box) VALUES(?,?,?,?,?,?)",
+                        (r.product_id, r.image, r.sha256, r.vector.astype(np.float32).tobytes(), r.crop,
+                         json.dumps(r.box) if r.box else None),
+                    )  # fmt: skip
+                    new_ids.append(cur.lastrowid)
+                self._bump_generation()
+            if self._index is not None:
+                self._drop_from_index(replaced)
+                if self._index is not None:
+                    vectors = np.stack([r.vector for r in records]).astype(np.float32)
+                    self._index.add_with_ids(vectors, np.asarray(new_ids, dtype=np.int64))
+
+    def remove(self, images: list[tuple[str, str]] = (), products: list[str] = ()) -> int:
+        with self.lock:
+            ids: list[int] = []
+            with self._tx():
+                for product_id, image in images:
+                    ids += [r[0] for r in self.db.execute(
+                        "SELECT id FROM images WHERE product_id=? AND image=?", (product_id, image))]  # fmt: skip
+                for product_id in products:
+                    ids += [r[0] for r in self.db.execute("SELECT id FROM images WHERE product_id=?", (product_id,))]
+                self.db.executemany("DELETE FROM images WHERE id=?", [(i,) for i in ids])
+                self.db.execute(
+                    "DELETE FROM products WHERE product_id NOT IN (SELECT DISTINCT product_id FROM images)"
+                )
+                self._bump_generation()
+            self._drop_from_index(ids)
+            return len(ids)
+
+    def set_products(self, metadata: dict[str, dict]) -> None:
+        with self.lock, self._tx():
+            self.db.executemany(
+                "UPDATE products SET metadata=? WHERE product_id=?",
+                [(json.dumps(m, sort_keys=True), p) for p, m in metadata.items()],
+            )
+
+    def _drop_from_index(self, ids: list[int]) -> None:
+        if not ids or self._index is None:
+            return
+        if isinstance(faiss.downcast_index(self._index.index), faiss.IndexFlat):
+            self._index.remove_ids(np.asarray(ids, dtype=np.int64))
+        else:
+            self._index = None  # HNSW cannot delete: rebuilt on the next search
+
+    # -- reads --------------------------------------------------------------------------------
+    def count(self) -> tuple[int, int]:
+        products = self.db.execute("SELECT COUNT(*) FROM products").fetchone()[0]
+        images = self.db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+        return products, images
+
+    def known(self) -> dict[tuple[str, str], str]:
+        return {(p, i): s for p, i, s in self.db.execute("SELECT product_id, image, sha256 FROM images")}
+
+    def products(self, ids: list[str]) -> dict[str, dict]:
+        out: dict[str, dict] = {}
+        for chunk in _chunks(list(ids), 500):
+            q = f"SELECT product_id, metadata FROM products WHERE product_id IN ({','.join('?' * len(chunk))})"
+            out.update({p: json.loads(m) for p, m in self.db.execute(q, chunk)})
+        return out
+
+    def product_images(self, product_id: str) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT image FROM images WHERE product_id=? ORDER BY id", (product_id,))]
+
+    def metadata_values(self, limit: int = 50) -> dict[str, list[str]]:
+        """Distinct metadata values per key (for filter menus), keys with too many values left out."""
+        values: dict[str, set] = {}
+        for (m,) in self.db.execute("SELECT metadata FROM products"):
+            for k, v in json.loads(m).items():
+                values.setdefault(k, set()).add(str(v))
+        return {k: sorted(v) for k, v in sorted(values.items()) if len(v) <= limit}
+
+    def index_kind(self) -> str:
+        return "hnsw" if self._count_images() >= self.hnsw_threshold else "exact"
+
+    def _count_images(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+
+    def _allowed_ids(self, where: dict[str, str]) -> np.ndarray:
+        clauses, params = [], []
+        for key, value in where.items():
+            clauses.append("lower(CAST(json_extract(p.metadata, ?) AS TEXT)) = lower(?)")
+            params += ['$."' + key.replace('"', '') + '"', str(value)]
+        q = "SELECT i.id FROM images i JOIN products p USING(product_id) WHERE " + " AND ".join(clauses)
+        return np.fromiter((r[0] for r in self.db.execute(q, params)), dtype=np.int64)
+
+    def search(self, vector: np.ndarray, k: int, where: dict[str, str] | None = None) -> list[Hit]:
+        with self.lock:
+            index = self._ensure_index()
+            if index.ntotal == 0 or k <= 0:
+                return []
+            params = None
+            inner = faiss.downcast_index(index.index)
+            is_hnsw = isinstance(inner, faiss.IndexHNSW)
+            if where:
+                allowed = self._allowed_ids(where)
+                if allowed.size == 0:
+                    return []
+                sel = faiss.IDSelectorBatch(allowed)
+                params = faiss.SearchParametersHNSW(sel=sel, efSearch=max(self.ef_search, k)) if is_hnsw \
+                    else faiss.SearchParameters(sel=sel)  # fmt: skip
+            elif is_hnsw:
+                params = faiss.SearchParametersHNSW(efSearch=max(self.ef_search, k))
+            k = min(k, index.ntotal)
+            scores, ids = index.search(vector.reshape(1, -1).astype(np.float32), k, params=params)
+            pairs = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
+            if not pairs:
+                return []
+            rows = {}
+            for chunk in _chunks([i for i, _ in pairs], 500):
+                q = f"SELECT id, product_id, image, crop, box FROM images WHERE id IN ({','.join('?' * len(chunk))})"
+                rows.update({r[0]: r[1:] for r in self.db.execute(q, chunk)})
+            return [
+                Hit(rows[i][0], rows[i][1], s, rows[i][2], json.loads(rows[i][3]) if rows[i][3] else None)
+                for i, s in pairs
+                if i in rows
+            ]
+
+    # -- the FAISS index ----------------------------------------------------------------------
+    def _index_path(self, generation: str) -> Path:
+        return self.directory / f"index-{generation}.faiss"
+
+    def _ensure_index(self) -> faiss.Index:
+        if self._index is not None:
+            return self._index
+        generation = self.get_meta("generation") or "0"
+        cached = self._index_path(generation)
+        if cached.exists():
+            try:
+                self._index = faiss.read_index(str(cached))
+                return self._index
+            except RuntimeError:
+                cached.unlink(missing_ok=True)
+        self._index = self._build_index()
+        return self._index
+
+    def _build_index(self) -> faiss.Index:
+        n = self._count_images()
+        dim = self.dim or 1
+        if n >= self.hnsw_threshold:
+            inner = faiss.IndexHNSWFlat(dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            inner.hnsw.efConstruction = self.ef_construction
+            inner.hnsw.efSearch = self.ef_search
+        else:
+            inner = faiss.IndexFlatIP(dim)
+        index = faiss.IndexIDMap2(inner)
+        batch_ids, batch_vecs = [], []
+        for i, blob in self.db.execute("SELECT id, vector FROM images ORDER BY id"):
+            batch_ids.append(i)
+            batch_vecs.append(np.frombuffer(blob, dtype=np.float32))
+            if len(batch_ids) == 20_000:
+                index.add_with_ids(np.stack(batch_vecs), np.asarray(batch_ids, dtype=np.int64))
+                batch_ids, batch_vecs = [], []
+        if batch_ids:
+            index.add_with_ids(np.stack(batch_vecs), np.asarray(batch_ids, dtype=np.int64))
+        return index
+
+    def flush(self) -> None:
+        """Persist the index for a fast next open (only worth it for HNSW, which is slow to build)."""
+        with self.lock:
+            generation = self.get_meta("generation") or "0"
+            target = self._index_path(generation)
+            for old in self.directory.glob("index-*.faiss"):
+                if old != target:
+                    old.unlink(missing_ok=True)
+            if self.index_kind() != "hnsw" or target.exists():
+                return
+            index = self._ensure_index()
+            tmp = target.with_suffix(".tmp")
+            faiss.write_index(index, str(tmp))
+            tmp.replace(target)
+
+    def close(self) -> None:
+        with self.lock:
+            self.db.close()
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def __enter__(self):
+        self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, exc_type, exc, tb):
+        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        return False
+
+
+def _chunks(seq: list, n: int):
+    for i in range(0, len(seq), n):
+        yield seq[i : i + n]
