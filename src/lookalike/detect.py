@@ -172,7 +172,9 @@ class YoloV8Detector:
             raise LookalikeError(f"{path}: no shoe classes among the detector's labels")
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
-        size = inp.shape[2] if isinstance(inp.shape[2], int) else int(meta.get("imgsz", "[640]").strip("[]").split(",")[0])
+        size = (
+            inp.shape[2] if isinstance(inp.shape[2], int) else int(meta.get("imgsz", "[640]").strip("[]").split(",")[0])
+        )
         self.input_size = size
         self.min_score = min_score
         self.iou = iou

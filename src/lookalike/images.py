@@ -137,7 +137,8 @@ def _check_address(url: str, host: str, port: int, limits: Limits) -> str:
                 ip = ip.ipv4_mapped
             if not ip.is_global or ip.is_multicast:
                 raise BadImageError(
-                    url, f"refused: {host} resolves to {ip}, a non-public address (loopback/private/link-local)"
+                    url,
+                    f"refused: {host} resolves to {ip}, a non-public address (loopback/private/link-local)",
                 )
     return addresses[0]
 

@@ -114,9 +114,7 @@ def _npm_pack(workdir: Path) -> Path:
             f"npm is needed once to fetch {OBJECTRON_PACKAGE} (install Node.js/npm, "
             "or pass --objectron-tgz with a tarball from `npm pack`)"
         )
-    proc = subprocess.run(
-        [npm, "pack", OBJECTRON_PACKAGE, "--silent"], cwd=workdir, capture_output=True, text=True
-    )
+    proc = subprocess.run([npm, "pack", OBJECTRON_PACKAGE, "--silent"], cwd=workdir, capture_output=True, text=True)
     tgz = list(workdir.glob("*.tgz"))
     if proc.returncode != 0 or not tgz:
         raise LookalikeError(f"`npm pack {OBJECTRON_PACKAGE}` failed: {proc.stderr.strip()[-500:]}")

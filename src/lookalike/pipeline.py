@@ -169,7 +169,9 @@ class Catalog:
         """Open a catalog; with create=True make it if absent. Its recorded config wins over `config`."""
         directory = Path(directory)
         if not create and not (directory / "catalog.db").exists():
-            raise LookalikeError(f"{directory}: no catalog here (create one with `lookalike index SOURCE --catalog {directory}`)")
+            raise LookalikeError(
+                f"{directory}: no catalog here (create one with `lookalike index SOURCE --catalog {directory}`)"
+            )
         store = LocalStore(directory, **store_options)
         recorded = store.get_meta("config")
         if recorded:

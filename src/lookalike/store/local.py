@@ -146,9 +146,7 @@ class LocalStore:
                 for product_id in products:
                     ids += [r[0] for r in self.db.execute("SELECT id FROM images WHERE product_id=?", (product_id,))]
                 self.db.executemany("DELETE FROM images WHERE id=?", [(i,) for i in ids])
-                self.db.execute(
-                    "DELETE FROM products WHERE product_id NOT IN (SELECT DISTINCT product_id FROM images)"
-                )
+                self.db.execute("DELETE FROM products WHERE product_id NOT IN (SELECT DISTINCT product_id FROM images)")
                 self._bump_generation()
             self._drop_from_index(ids)
             return len(ids)
@@ -205,7 +203,7 @@ class LocalStore:
         clauses, params = [], []
         for key, value in where.items():
             clauses.append("lower(CAST(json_extract(p.metadata, ?) AS TEXT)) = lower(?)")
-            params += ['$."' + key.replace('"', '') + '"', str(value)]
+            params += ['$."' + key.replace('"', "") + '"', str(value)]
         q = "SELECT i.id FROM images i JOIN products p USING(product_id) WHERE " + " AND ".join(clauses)
         return np.fromiter((r[0] for r in self.db.execute(q, params)), dtype=np.int64)
 

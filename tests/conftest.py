@@ -1,0 +1,71 @@
+"""Shared fixtures: the real datasets (never copied into the repo) and a small real catalog."""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+
+from lookalike import Catalog
+
+ROOT = Path(__file__).resolve().parents[1]
+DATASETS = Path(os.environ.get("LOOKALIKE_DATASETS", ROOT.parent / "shared" / "datasets")).resolve()
+
+
+def rows(dataset: str) -> list[dict]:
+    with open(DATASETS / dataset / "labels.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def sneakers_split(n_products: int = 30, per_product: int = 10, queries: int = 5, seed: int = 7):
+    """A fixed sample of sneakers50: catalog shots to index, shopper ('wild') photos to search with."""
+    by_product: dict[str, dict[str, list[dict]]] = {}
+    for r in rows("sneakers50"):
+        by_product.setdefault(r["product"], {"catalog": [], "wild": []})[r["scene"]].append(r)
+    rng = random.Random(seed)
+    products = sorted(by_product)
+    rng.shuffle(products)
+    gallery, probe = [], []
+    for p in products[:n_products]:
+        gallery += rng.sample(by_product[p]["catalog"], min(per_product, len(by_product[p]["catalog"])))
+        probe += rng.sample(by_product[p]["wild"], min(queries, len(by_product[p]["wild"])))
+    return gallery, probe
+
+
+def dataset_path(dataset: str, row: dict) -> Path:
+    return DATASETS / dataset / row["file"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _datasets_present():
+    if not (DATASETS / "sneakers50" / "labels.csv").exists():
+        message = f"datasets not found at {DATASETS} (set LOOKALIKE_DATASETS)"
+        if os.environ.get("CI"):
+            pytest.exit(message, returncode=3)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def sneaker_folder(tmp_path_factory) -> Path:
+    """The 300-image gallery laid out as a folder source: one sub-folder per product."""
+    gallery, _ = sneakers_split()
+    root = tmp_path_factory.mktemp("sneakers_folder")
+    for r in gallery:
+        dst = root / r["product"] / Path(r["file"]).name
+        dst.parent.mkdir(exist_ok=True)
+        shutil.copyfile(dataset_path("sneakers50", r), dst)
+    return root
+
+
+@pytest.fixture(scope="session")
+def sneaker_catalog(tmp_path_factory, sneaker_folder) -> Path:
+    """A real catalog (real models, real SQLite + FAISS) of the 300 gallery images, built once."""
+    directory = tmp_path_factory.mktemp("sneaker_catalog")
+    with Catalog.open(directory, create=True) as cat:
+        report = cat.index(sneaker_folder)
+    assert report.added == 300 and not report.failed
+    return directory

@@ -1,0 +1,95 @@
+"""Model files, the SSD decoder, the YOLOv8 option and the embedders."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import dataset_path, rows
+from onnx_builders import conv_embedder, yolov8_like
+from PIL import Image
+
+from lookalike import models
+from lookalike.detect import SSDDetector, YoloV8Detector, load_detector, nms, ssd_anchors
+from lookalike.embed import Embedder
+from lookalike.errors import ModelMissingError
+
+
+def test_anchor_layout_matches_mediapipe():
+    a = ssd_anchors()
+    assert a.shape == (1917, 4)
+    # first cell of the 19x19 layer: three boxes, scales 0.1, 0.2, 0.2 with ratios 1, 2, 0.5
+    np.testing.assert_allclose(a[0], [0.5 / 19, 0.5 / 19, 0.1, 0.1], rtol=1e-5)
+    np.testing.assert_allclose(a[1, 2:], [0.2 / np.sqrt(2), 0.2 * np.sqrt(2)], rtol=1e-5)
+    # the last anchor: the 1x1 layer's interpolated box, scale sqrt(0.95 * 1.0)
+    np.testing.assert_allclose(a[-1], [0.5, 0.5, np.sqrt(0.95), np.sqrt(0.95)], rtol=1e-5)
+
+
+def test_nms_keeps_best_of_overlaps():
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30]], dtype=np.float32)
+    assert nms(boxes, np.array([0.5, 0.9, 0.4]), 0.45) == [1, 2]
+
+
+def test_models_are_verified(tmp_path):
+    with pytest.raises(ModelMissingError, match="lookalike models pull"):
+        models.resolve(models.DETECTOR, tmp_path)
+    good = models.resolve(models.EMBEDDER)
+    (tmp_path / models.EMBEDDER).write_bytes(good.read_bytes()[:-10])  # truncated copy
+    (tmp_path / models.MANIFEST).write_text(json.dumps({models.EMBEDDER: models.sha256_file(good)}))
+    status = models.check(models.EMBEDDER, tmp_path)
+    assert not status.ok and "checksum" in status.reason
+
+
+def test_ssd_finds_shoes_in_real_photos():
+    det = load_detector(models.resolve(models.DETECTOR))
+    assert isinstance(det, SSDDetector)
+    sample = rows("sneakers50")[::60][:100]
+    found = 0
+    for r in sample:
+        img = Image.open(dataset_path("sneakers50", r)).convert("RGB")
+        boxes = det(img)
+        found += bool(boxes)
+        for b in boxes:
+            assert 0 <= b.x1 < b.x2 <= img.width and 0 <= b.y1 < b.y2 <= img.height
+            assert b.label in ("Footwear", "Boot", "High heels")
+    assert found >= 90  # measured 97/100 with this sample
+
+
+def test_ssd_finds_nothing_on_blank():
+    det = load_detector(models.resolve(models.DETECTOR))
+    assert det(Image.new("RGB", (300, 300), "white")) == []
+
+
+def test_yolov8_option_decodes_letterboxed_boxes(tmp_path):
+    # candidates (cx, cy, w, h, person, footwear) in the 64x64 input
+    pred = np.array(
+        [[32, 32, 20, 10, 0.9, 0.0], [32, 32, 20, 10, 0.0, 0.8], [33, 32, 20, 10, 0.0, 0.5]], dtype=np.float32
+    ).T
+    path = yolov8_like(tmp_path / "yolo.onnx", pred, {0: "Person", 1: "Footwear"})
+    det = load_detector(path)
+    assert isinstance(det, YoloV8Detector) and det.input_size == 64
+    boxes = det(Image.new("RGB", (128, 64)))  # scale 0.5, 16 px of padding above and below
+    assert len(boxes) == 1
+    b = boxes[0]
+    assert b.label == "Footwear" and b.score == pytest.approx(0.8)
+    np.testing.assert_allclose([b.x1, b.y1, b.x2, b.y2], [44, 22, 84, 42], atol=1e-3)
+
+
+def test_default_embedder_vectors():
+    emb = Embedder(models.resolve(models.EMBEDDER))
+    assert emb.dim == 1280
+    shoe = Image.open(dataset_path("sneakers50", rows("sneakers50")[0])).convert("RGB")
+    v = emb([shoe, shoe.transpose(Image.FLIP_LEFT_RIGHT), Image.new("RGB", (50, 50), "blue")])
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, rtol=1e-5)
+    assert v[0] @ v[1] > v[0] @ v[2]  # a mirrored shoe is closer than a blue square
+    np.testing.assert_allclose(emb([shoe])[0], v[0], atol=1e-5)  # batching changes nothing
+
+
+@pytest.mark.parametrize("pooled", [True, False])
+def test_any_onnx_embedder(tmp_path, pooled):
+    emb = Embedder(conv_embedder(tmp_path / "e.onnx", pooled=pooled))
+    assert emb.dim == 8 and emb.size == 32
+    v = emb([Image.new("RGB", (40, 30), "red"), Image.new("RGB", (40, 30), "green")])
+    assert v.shape == (2, 8)
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, rtol=1e-5)

@@ -1,0 +1,100 @@
+"""The embedded store: SQLite is the truth, FAISS the index, exact or HNSW."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import numpy as np
+import pytest
+
+from lookalike.errors import LookalikeError
+from lookalike.store import ImageRecord, LocalStore
+from lookalike.store.local import DB_NAME, SCHEMA_VERSION
+
+
+def unit(v):
+    return (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def records(vectors, products, meta=None):
+    return [
+        ImageRecord(p, f"/img/{p}/{i}.jpg", f"sha{i}", v, "detector", None, (meta or {}).get(p, {}))
+        for i, (v, p) in enumerate(zip(vectors, products, strict=True))
+    ]
+
+
+def test_add_search_remove_persist(tmp_path):
+    rng = np.random.default_rng(0)
+    vecs = unit(rng.normal(size=(20, 16)))
+    products = [f"p{i % 5}" for i in range(20)]
+    store = LocalStore(tmp_path)
+    store.add(records(vecs, products, {"p1": {"brand": "Nike"}, "p2": {"brand": "nike"}, "p3": {"brand": "Vans"}}))
+    assert store.count() == (5, 20)
+    hits = store.search(vecs[7], 3)
+    assert hits[0].image == "/img/p2/7.jpg" and hits[0].score == pytest.approx(1.0, abs=1e-5)
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    nike = store.search(vecs[3], 20, where={"brand": "NIKE"})
+    assert {h.product_id for h in nike} == {"p1", "p2"} and len(nike) == 8
+    assert store.search(vecs[3], 5, where={"brand": "Puma"}) == []
+
+    assert store.remove(products=["p2"]) == 4
+    assert store.count() == (4, 16)
+    assert all(h.product_id != "p2" for h in store.search(vecs[7], 20))
+    # replacing an image keeps one row for it
+    store.add([ImageRecord("p1", "/img/p1/1.jpg", "new", vecs[0], "whole", None, {})])
+    assert store.count() == (4, 16)
+    assert store.known()[("p1", "/img/p1/1.jpg")] == "new"
+    store.close()
+
+    reopened = LocalStore(tmp_path)
+    assert reopened.count() == (4, 16) and reopened.dim == 16
+    assert reopened.search(vecs[0], 2)[0].score == pytest.approx(1.0, abs=1e-5)
+
+
+def test_dimension_is_enforced(tmp_path):
+    store = LocalStore(tmp_path)
+    store.add(records(unit(np.ones((1, 8))), ["a"]))
+    with pytest.raises(LookalikeError, match="vector size"):
+        store.add(records(unit(np.ones((1, 4))), ["b"]))
+    assert store.count() == (1, 1)
+
+
+def test_newer_schema_is_refused(tmp_path):
+    LocalStore(tmp_path).close()
+    db = sqlite3.connect(tmp_path / DB_NAME)
+    db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    db.close()
+    with pytest.raises(LookalikeError, match="newer"):
+        LocalStore(tmp_path)
+
+
+def test_not_a_database(tmp_path):
+    (tmp_path / DB_NAME).write_bytes(b"garbage" * 100)
+    with pytest.raises(LookalikeError, match="not a readable catalog"):
+        LocalStore(tmp_path)
+
+
+def test_hnsw_recall_against_exact(tmp_path):
+    """Clustered vectors, like shoe embeddings: HNSW must keep recall@10 >= 0.98 against exact."""
+    rng = np.random.default_rng(1)
+    centers = rng.normal(size=(200, 64))
+    data = unit(centers[rng.integers(0, 200, 6000)] + 0.35 * rng.normal(size=(6000, 64)))
+    queries = unit(centers[rng.integers(0, 200, 200)] + 0.35 * rng.normal(size=(200, 64)))
+    products = [f"p{i}" for i in range(len(data))]
+    exact = LocalStore(tmp_path / "exact", hnsw_threshold=10**9)
+    hnsw = LocalStore(tmp_path / "hnsw", hnsw_threshold=1000)
+    for s in (exact, hnsw):
+        s.add(records(data, products))
+    assert exact.index_kind() == "exact" and hnsw.index_kind() == "hnsw"
+    recall = np.mean(
+        [len({h.image for h in exact.search(q, 10)} & {h.image for h in hnsw.search(q, 10)}) / 10 for q in queries]
+    )
+    assert recall >= 0.98
+    hnsw.flush()
+    assert len(list((tmp_path / "hnsw").glob("index-*.faiss"))) == 1
+    again = LocalStore(tmp_path / "hnsw", hnsw_threshold=1000)
+    assert [h.image for h in again.search(queries[0], 10)] == [h.image for h in hnsw.search(queries[0], 10)]
+    # HNSW cannot delete in place: removal rebuilds, and the removed image is gone
+    top = hnsw.search(queries[0], 1)[0]
+    hnsw.remove(images=[(top.product_id, top.image)])
+    assert top.image not in {h.image for h in hnsw.search(queries[0], 10)}
