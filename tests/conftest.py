@@ -69,3 +69,17 @@ def sneaker_catalog(tmp_path_factory, sneaker_folder) -> Path:
         report = cat.index(sneaker_folder)
     assert report.added == 300 and not report.failed
     return directory
+
+
+@pytest.fixture(scope="session")
+def branded_catalog(tmp_path_factory, sneaker_folder) -> Path:
+    """A small real catalog from a CSV manifest with metadata: 6 products x 3 images, two brands."""
+    root = tmp_path_factory.mktemp("branded")
+    lines = ["product_id,image,brand,price,url"]
+    for i, product in enumerate(sorted(sneaker_folder.iterdir())[:6]):
+        for img in sorted(product.glob("*.jpg"))[:3]:
+            lines.append(f"{product.name},{img},{'Nike' if i % 2 else 'Vans'},{10 * i},https://shop.example/{i}")
+    (root / "manifest.csv").write_text("\n".join(lines) + "\n")
+    with Catalog.open(root / "cat", create=True) as cat:
+        assert cat.index(root / "manifest.csv").added == 18
+    return root / "cat"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -27,10 +28,14 @@ def _box(text: str | None) -> int | dict | None:
         return None
     if text.isdigit():
         return int(text)
+    if text == "whole":
+        return text
     try:
         x1, y1, x2, y2 = (float(v) for v in text.split(","))
     except ValueError:
-        raise LookalikeError(f"--box {text!r}: expected a detected box number or x1,y1,x2,y2 in pixels") from None
+        raise LookalikeError(
+            f"--box {text!r}: expected a detected box number, whole, or x1,y1,x2,y2 in pixels"
+        ) from None
     return {"x1": x1, "y1": y1, "x2": x2, "y2": y2, "label": "manual", "score": 1.0}
 
 
@@ -98,6 +103,25 @@ def cmd_remove(args: argparse.Namespace) -> int:
     return 0 if n else 1
 
 
+def cmd_app(args: argparse.Namespace) -> int:
+    Catalog.open(args.catalog).close()  # a wrong path fails here, with one line
+    try:
+        import streamlit  # noqa: F401
+    except ImportError:
+        raise LookalikeError("the web app needs Streamlit: pip install 'lookalike[app]'") from None
+    script = Path(__file__).with_name("app.py")
+    argv = [
+        sys.executable, "-m", "streamlit", "run", str(script),
+        "--server.address", args.host, "--server.port", str(args.port), "--server.headless", "true",
+        "--server.maxUploadSize", "25", "--server.fileWatcherType", "none",
+        "--browser.gatherUsageStats", "false", "--client.toolbarMode", "viewer",
+        "--", "--catalog", args.catalog,
+    ]  # fmt: skip
+    print(f"lookalike app: http://{args.host}:{args.port}", file=sys.stderr)
+    os.execv(sys.executable, argv)
+    return 0  # not reached
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     if args.action == "pull":
         tgz = Path(args.objectron_tgz) if args.objectron_tgz else None
@@ -137,7 +161,7 @@ def parser() -> argparse.ArgumentParser:
     catalog_arg(sp)
     sp.add_argument("-k", type=int, default=10)
     sp.add_argument("--where", action="append", metavar="KEY=VALUE", help="metadata filter, repeatable")
-    sp.add_argument("--box", help="detected box number to search with, or x1,y1,x2,y2")
+    sp.add_argument("--box", help="detected box number (0 = first) to search with, whole, or x1,y1,x2,y2 in pixels")
     sp.add_argument("--threads", type=int, default=2)
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_search)
@@ -151,6 +175,12 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("product_ids", nargs="+")
     catalog_arg(sp)
     sp.set_defaults(func=cmd_remove)
+
+    sp = sub.add_parser("app", help="start the web app (Streamlit)")
+    catalog_arg(sp)
+    sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    sp.add_argument("--port", type=int, default=8501)
+    sp.set_defaults(func=cmd_app)
 
     sp = sub.add_parser("models", help="fetch or check the model files")
     sp.add_argument("action", choices=["pull", "check"])

@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -77,17 +77,28 @@ class Models:
 
 
 @dataclass(frozen=True)
+class Query:
+    """A loaded query photo and the shoes found in it."""
+
+    image: Image.Image
+    boxes: list[Box]
+
+
+@dataclass(frozen=True)
 class Processed:
     vector: np.ndarray
     boxes: list[Box]
     crop: Crop
 
 
-def process(mdl: Models, img: Image.Image, box: Box | None = None, boxes: list[Box] | None = None) -> Processed:
+def process(
+    mdl: Models, img: Image.Image, box: Box | None = None, boxes: list[Box] | None = None, whole: bool = False
+) -> Processed:
     """The one path every image takes, catalog or query: detect, crop, embed."""
     if boxes is None:
         boxes = mdl.detector(img)
-    crop = choose_crop(img, boxes, mdl.config.crop, manual=box)
+    config = replace(mdl.config.crop, strategy="whole") if whole else mdl.config.crop
+    crop = choose_crop(img, boxes, config, manual=box)
     vector = mdl.embedder([crop.image])[0]
     return Processed(vector, boxes, crop)
 
@@ -281,32 +292,43 @@ class Catalog:
             self._query_models = Models(self.config, threads=self.threads)
         return self._query_models
 
-    def detect(self, image: ImageSource | Image.Image) -> tuple[Image.Image, list[Box]]:
-        img = self._load(image)
-        return img, self.query_models.detector(img)
+    def warm_up(self) -> None:
+        """Load the query models now rather than on the first search (servers, the web app)."""
+        self.query_models.detector  # noqa: B018
+        self.query_models.embedder  # noqa: B018
 
-    def _load(self, image: ImageSource | Image.Image) -> Image.Image:
+    def load(self, image: ImageSource | Image.Image) -> Image.Image:
+        """An upright RGB image from a path, a guarded URL or bytes (or a PIL image, converted)."""
         if isinstance(image, Image.Image):
             return image.convert("RGB")
         return decode(read_bytes(image, self.limits), describe(image), self.limits)
 
-    def search(self, image: ImageSource | Image.Image, k: int = 10, where: dict[str, str] | None = None,
-               box: int | Box | dict | None = None) -> SearchResult:  # fmt: skip
-        """Top-k products for a photo. `box`: index of a detected box, or a box of one's own."""
+    def detect(self, image: ImageSource | Image.Image | Query) -> Query:
+        """Load and detect once, so a caller can show the boxes and then search with one of them."""
+        if isinstance(image, Query):
+            return image
+        img = self.load(image)
+        return Query(img, self.query_models.detector(img))
+
+    def search(self, image: ImageSource | Image.Image | Query, k: int = 10, where: dict[str, str] | None = None,
+               box: int | str | Box | dict | None = None) -> SearchResult:  # fmt: skip
+        """Top-k products for a photo. `box`: None (automatic), the index of a detected box,
+        "whole" for the whole image, or a box of one's own (pixels)."""
         t0 = time.perf_counter()
-        img = self._load(image)
-        mdl = self.query_models
-        boxes = mdl.detector(img)
+        query = self.detect(image)
+        img, boxes = query.image, query.boxes
         chosen: Box | None = None
+        if isinstance(box, bool):
+            raise LookalikeError(f"box must be a number, 'whole' or a box, not {box!r}")
         if isinstance(box, int):
             if not 0 <= box < len(boxes):
                 raise LookalikeError(f"box {box} does not exist: {len(boxes)} shoe(s) detected")
             chosen = boxes[box]
-        elif isinstance(box, dict):
-            chosen = Box.from_dict(box)
-        elif isinstance(box, Box):
-            chosen = box
-        out = process(mdl, img, box=chosen, boxes=boxes)
+        elif isinstance(box, str) and box != "whole":
+            raise LookalikeError(f"box {box!r}: expected a number, 'whole' or x1,y1,x2,y2")
+        elif isinstance(box, dict | Box):
+            chosen = _valid_box(Box.from_dict(box) if isinstance(box, dict) else box, img)
+        out = process(self.query_models, img, box=chosen, boxes=boxes, whole=box == "whole")
         matches = self.search_vector(out.vector, k, where)
         info = QueryInfo(boxes, out.crop.box, out.crop.path, (time.perf_counter() - t0) * 1000)
         return SearchResult(info, matches)
@@ -329,6 +351,22 @@ class Catalog:
         return [Match(h.product_id, h.score, h.image, metadata.get(h.product_id, {})) for h in top]
 
     # -- information --------------------------------------------------------------------------
+    def product(self, product_id: str) -> dict | None:
+        """A product's metadata and images, or None."""
+        images = self.store.product_images(product_id)
+        if not images:
+            return None
+        return {"product_id": product_id, "metadata": self.store.products([product_id]).get(product_id, {}),
+                "images": images}  # fmt: skip
+
+    def metadata_values(self, max_values: int = 50) -> dict[str, list[str]]:
+        """Distinct metadata values per key, for filter menus (keys with too many values left out)."""
+        return self.store.metadata_values(max_values)
+
+    def examples(self, n: int = 6) -> list[tuple[str, str]]:
+        """A few (product_id, image) pairs spread over the catalog, to try a search with."""
+        return self.store.sample(n)
+
     def info(self) -> dict:
         products, images = self.store.count()
         return {
@@ -338,6 +376,16 @@ class Catalog:
             "index": self.store.index_kind(),
             "config": json.loads(self.config.to_json()),
         }
+
+
+def _valid_box(box: Box, img: Image.Image) -> Box:
+    x1, y1 = max(0.0, min(box.x1, box.x2)), max(0.0, min(box.y1, box.y2))
+    x2, y2 = min(float(img.width), max(box.x1, box.x2)), min(float(img.height), max(box.y1, box.y2))
+    if x2 - x1 < 2 or y2 - y1 < 2:
+        raise LookalikeError(
+            f"box {box.x1:g},{box.y1:g},{box.x2:g},{box.y2:g} is empty inside the {img.width}x{img.height} image"
+        )
+    return Box(x1, y1, x2, y2, box.score, box.label)
 
 
 def _chunks(items: list, n: int) -> Iterator[list]:

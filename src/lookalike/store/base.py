@@ -59,6 +59,21 @@ class Store(Protocol):
     def set_products(self, metadata: dict[str, dict]) -> None:
         """Replace product metadata without touching vectors."""
 
+    def product_images(self, product_id: str) -> list[str]:
+        """A product's image keys, in the order they were added."""
+
+    def metadata_values(self, limit: int = 50) -> dict[str, list[str]]:
+        """Distinct metadata values per key (filter menus)."""
+
+    def sample(self, n: int) -> list[tuple[str, str]]:
+        """A few (product_id, image) pairs spread over the catalog."""
+
+    def index_kind(self) -> str:
+        """How vectors are searched, e.g. "exact" or "hnsw"."""
+
+    def flush(self) -> None:
+        """Persist whatever makes the next open fast; data is already durable."""
+
     def get_meta(self, key: str) -> str | None: ...
 
     def set_meta(self, key: str, value: str) -> None: ...

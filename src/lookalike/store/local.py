@@ -79,7 +79,8 @@ class LocalStore:
         return _Transaction(self.db)
 
     def get_meta(self, key: str) -> str | None:
-        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        with self.lock:
+            row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return row[0] if row else None
 
     def set_meta(self, key: str, value: str) -> None:
@@ -168,36 +169,53 @@ class LocalStore:
 
     # -- reads --------------------------------------------------------------------------------
     def count(self) -> tuple[int, int]:
-        products = self.db.execute("SELECT COUNT(*) FROM products").fetchone()[0]
-        images = self.db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
-        return products, images
+        with self.lock:
+            products = self.db.execute("SELECT COUNT(*) FROM products").fetchone()[0]
+            return products, self._count_images()
 
     def known(self) -> dict[tuple[str, str], str]:
-        return {(p, i): s for p, i, s in self.db.execute("SELECT product_id, image, sha256 FROM images")}
+        with self.lock:
+            return {(p, i): s for p, i, s in self.db.execute("SELECT product_id, image, sha256 FROM images")}
 
     def products(self, ids: list[str]) -> dict[str, dict]:
         out: dict[str, dict] = {}
-        for chunk in _chunks(list(ids), 500):
-            q = f"SELECT product_id, metadata FROM products WHERE product_id IN ({','.join('?' * len(chunk))})"
-            out.update({p: json.loads(m) for p, m in self.db.execute(q, chunk)})
+        with self.lock:
+            for chunk in _chunks(list(ids), 500):
+                q = f"SELECT product_id, metadata FROM products WHERE product_id IN ({','.join('?' * len(chunk))})"
+                out.update({p: json.loads(m) for p, m in self.db.execute(q, chunk)})
         return out
 
     def product_images(self, product_id: str) -> list[str]:
-        return [r[0] for r in self.db.execute("SELECT image FROM images WHERE product_id=? ORDER BY id", (product_id,))]
+        with self.lock:
+            return [
+                r[0] for r in self.db.execute("SELECT image FROM images WHERE product_id=? ORDER BY id", (product_id,))
+            ]
 
     def metadata_values(self, limit: int = 50) -> dict[str, list[str]]:
         """Distinct metadata values per key (for filter menus), keys with too many values left out."""
         values: dict[str, set] = {}
-        for (m,) in self.db.execute("SELECT metadata FROM products"):
+        with self.lock:
+            rows = self.db.execute("SELECT metadata FROM products").fetchall()
+        for (m,) in rows:
             for k, v in json.loads(m).items():
                 values.setdefault(k, set()).add(str(v))
         return {k: sorted(v) for k, v in sorted(values.items()) if len(v) <= limit}
+
+    def sample(self, n: int) -> list[tuple[str, str]]:
+        """n images of distinct products spread evenly over the catalog."""
+        with self.lock:
+            rows = self.db.execute(
+                "SELECT product_id, MIN(image) FROM images GROUP BY product_id ORDER BY product_id"
+            ).fetchall()
+        step = max(1, len(rows) // max(n, 1))
+        return [tuple(r) for r in rows[::step][:n]]
 
     def index_kind(self) -> str:
         return "hnsw" if self._count_images() >= self.hnsw_threshold else "exact"
 
     def _count_images(self) -> int:
-        return self.db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+        with self.lock:
+            return self.db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
 
     def _allowed_ids(self, where: dict[str, str]) -> np.ndarray:
         clauses, params = [], []

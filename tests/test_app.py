@@ -1,0 +1,96 @@
+"""The Streamlit app's logic, with Streamlit's AppTest (no browser), on real catalogs and models."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from lookalike import Catalog
+
+APP = str(Path(__file__).resolve().parents[1] / "src" / "lookalike" / "app.py")
+
+
+def start(monkeypatch, catalog) -> AppTest:
+    monkeypatch.setenv("LOOKALIKE_CATALOG", str(catalog))
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    assert not at.exception
+    return at
+
+
+def cards(at: AppTest) -> list[tuple[int, str]]:
+    found = []
+    for m in at.markdown:
+        hit = re.search(r'class="lookalike-card" data-rank="(\d+)" data-product="([^"]+)"', m.value)
+        if hit:
+            found.append((int(hit.group(1)), hit.group(2)))
+    return sorted(found)
+
+
+def test_example_search_shows_ranked_results(monkeypatch, sneaker_catalog):
+    at = start(monkeypatch, sneaker_catalog)
+    assert "Give a photo of a shoe" in at.info[0].value
+    with Catalog.open(sneaker_catalog) as cat:
+        examples = cat.examples(8)
+    at.button(key="example_2").click().run()
+    assert not at.exception and not at.error
+    found = cards(at)
+    assert [r for r, _ in found] == list(range(1, 13))  # default k = 12
+    assert found[0][1] == examples[2][0]  # a catalog image finds its own product first
+    caption = next(c.value for c in at.caption if c.value.startswith("Search took"))
+    assert "detector" in caption or "nonwhite" in caption
+
+    at.slider(key="k").set_value(5).run()
+    assert len(cards(at)) == 5
+    at.radio(key="box_choice").set_value("Whole image").run()
+    assert any("**whole** crop" in c.value for c in at.caption)
+
+    at.radio(key="box_choice").set_value("My own box").run()
+    at.number_input(key="own_x2").set_value(20).run()
+    at.number_input(key="own_y2").set_value(20).run()
+    assert any("**manual** crop box 0,0–20,20" in c.value for c in at.caption)
+
+    # "More like this" on the 3rd result searches with that catalog image
+    third = cards(at)[2][1]
+    at.button(key="more_3").click().run()
+    assert cards(at)[0][1] == third
+
+
+def test_filters_from_metadata(monkeypatch, branded_catalog):
+    at = start(monkeypatch, branded_catalog)
+    at.selectbox(key="filter_brand").select("Nike").run()
+    at.button(key="example_0").click().run()
+    found = cards(at)
+    assert len(found) == 3  # three Nike products in the catalog
+    texts = [m.value for m in at.markdown if "lookalike-card" in m.value]
+    assert all("Nike" in t and "https://shop.example/" in t for t in texts)
+
+
+def test_refused_url_is_a_clear_message(monkeypatch, sneaker_catalog):
+    at = start(monkeypatch, sneaker_catalog)
+    at.text_input(key="url").input("http://127.0.0.1:9/shoe.jpg")
+    at.button[0].click().run()  # the form's submit button
+    assert not at.exception
+    assert any("non-public address" in e.value for e in at.error)
+    assert not cards(at)
+
+
+def test_no_catalog_and_empty_catalog(monkeypatch, tmp_path):
+    at = start(monkeypatch, tmp_path / "nowhere")
+    assert "no catalog here" in at.error[0].value
+    Catalog.open(tmp_path / "empty", create=True).close()
+    at = start(monkeypatch, tmp_path / "empty")
+    assert "catalog is empty" in at.warning[0].value
+
+
+@pytest.mark.parametrize("missing", ["models"])
+def test_missing_model_message(monkeypatch, tmp_path, branded_catalog, missing):
+    monkeypatch.setenv("LOOKALIKE_MODEL_DIR", str(tmp_path / "no-models"))
+    # a catalog path the cache has not seen, so the app really opens it with no models
+    link = tmp_path / "cat"
+    link.symlink_to(branded_catalog)
+    at = start(monkeypatch, link)
+    assert "lookalike models pull" in at.error[0].value
