@@ -55,7 +55,7 @@ def start_app(catalog: Path, log: Path) -> tuple[subprocess.Popen, str]:
     raise AssertionError(f"the app did not come up:\n{log.read_text()}")
 
 
-def screenshot_search(catalog: Path, photo: Path, out: Path, log: Path) -> list[str]:
+def screenshot_search(catalog: Path, photo: Path, out: Path, log: Path, bad_upload: Path | None = None) -> list[str]:
     """Open the app, upload `photo`, wait for result cards, save a screenshot; returns ranked product ids."""
     from playwright.sync_api import sync_playwright
 
@@ -74,6 +74,10 @@ def screenshot_search(catalog: Path, photo: Path, out: Path, log: Path) -> list[
             ids = page.locator(".lookalike-card").evaluate_all(
                 "cards => cards.sort((a, b) => a.dataset.rank - b.dataset.rank).map(c => c.dataset.product)"
             )
+            if bad_upload is not None:  # then a file that is not an image: one message, no trace
+                page.locator('input[type="file"]').first.set_input_files(str(bad_upload))
+                page.get_by_text("not an image").first.wait_for(timeout=30_000)
+                assert page.get_by_text("Traceback").count() == 0
             browser.close()
     finally:
         proc.terminate()
@@ -100,7 +104,9 @@ def test_upload_shows_results_in_a_browser(chromium, sneaker_catalog, tmp_path):
             r for r in probe if cat.search(dataset_path("sneakers50", r), k=1).results[0].product_id == r["product"]
         )
     shot = tmp_path / "app.png"
-    ids = screenshot_search(sneaker_catalog, dataset_path("sneakers50", row), shot, tmp_path / "app.log")
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("this is not a picture")
+    ids = screenshot_search(sneaker_catalog, dataset_path("sneakers50", row), shot, tmp_path / "app.log", bad)
     assert len(ids) == 12  # the default k
     assert ids[0] == row["product"]
     assert shot.stat().st_size > 20_000
