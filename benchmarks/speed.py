@@ -27,7 +27,6 @@ import numpy as np
 
 from lookalike import Catalog
 from lookalike.catalog import Item
-from lookalike.pipeline import process
 from lookalike.store import LocalStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,7 +100,7 @@ def main() -> None:
             print(f"search: p50 {out['search_ms_p50']} ms, p95 {out['search_ms_p95']} ms over {len(lat)} queries")
 
             # 3. HNSW against exact on the same real vectors
-            vectors = [process(cat.query_models, cat.load(q)).vector for q in queries[:200]]
+            vectors = [cat.embed(q) for q in queries[:200]]
         exact = LocalStore(big, hnsw_threshold=10**9)
         hnsw = LocalStore(big, hnsw_threshold=1)
         recall = []

@@ -19,7 +19,7 @@ WHITE = (255, 255, 255)
 
 @dataclass(frozen=True)
 class CropConfig:
-    strategy: str = "union"  # union | best | whole
+    strategy: str = "union"  # union | best (of the detected boxes) | nonwhite | whole
     relative_threshold: float = 0.5
     margin: float = 0.05
     pad_color: tuple[int, int, int] = WHITE
@@ -81,7 +81,7 @@ def pad_square(img: Image.Image, pad_color: tuple[int, int, int]) -> Image.Image
 def choose_crop(img: Image.Image, boxes: list[Box], config: CropConfig, manual: Box | None = None) -> Crop:
     if manual is not None:
         return Crop(square_crop(img, manual, config.margin, config.pad_color), "manual", manual)
-    if config.strategy != "whole" and boxes:
+    if config.strategy in ("union", "best") and boxes:
         if config.strategy == "best":
             box = max(boxes, key=lambda b: b.score)
         else:

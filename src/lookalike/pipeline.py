@@ -21,12 +21,13 @@ from lookalike import models
 from lookalike.catalog import Item, SourceProblem, iter_source
 from lookalike.crop import Crop, CropConfig, choose_crop
 from lookalike.detect import Box, load_detector
-from lookalike.embed import Embedder
+from lookalike.embed import Embedder, l2_normalize
 from lookalike.errors import BadImageError, LookalikeError
 from lookalike.images import DEFAULT_LIMITS, ImageSource, Limits, decode, describe, read_bytes
 from lookalike.store import ImageRecord, LocalStore, Store
 
 BATCH = 64
+Progress = Callable[[int, int | None], None]
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,9 @@ class PipelineConfig:
 
     detector: str | None = None  # ONNX path; None = the default Open Images SSD
     embedder: str | None = None  # ONNX path; None = the default EfficientNet-Lite0
-    pooling: str = "avg"
+    pooling: str = "avg"  # avg | gem, for feature-map outputs
+    gem_p: float = 3.0
+    flip: bool = False  # average the crop's vector with its mirror image's
     crop: CropConfig = field(default_factory=CropConfig)
 
     def to_json(self) -> str:
@@ -47,6 +50,32 @@ class PipelineConfig:
         crop = d.pop("crop", {})
         crop["pad_color"] = tuple(crop.get("pad_color", (255, 255, 255)))
         return cls(crop=CropConfig(**crop), **d)
+
+    def with_options(self, options: dict[str, str]) -> PipelineConfig:
+        """A copy with `key=value` options applied, e.g. {"pooling": "gem", "crop.margin": "0.1"}."""
+        config, crop = asdict(self), asdict(self.crop)
+        for key, text in options.items():
+            target, name = (crop, key[5:]) if key.startswith("crop.") else (config, key)
+            if name not in target or name == "crop":
+                raise LookalikeError(f"unknown configuration option {key!r}")
+            target[name] = _parse_option(key, text, target[name])
+        config["crop"] = CropConfig(**{**crop, "pad_color": tuple(crop["pad_color"])})
+        return PipelineConfig(**config)
+
+
+def _parse_option(key: str, text: str, current: object) -> object:
+    try:
+        if isinstance(current, bool):
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(text)
+            return text.lower() in ("true", "1", "yes")
+        if isinstance(current, int | float):
+            return type(current)(text)
+        if isinstance(current, tuple | list):
+            return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise LookalikeError(f"configuration option {key}={text!r}: expected a {type(current).__name__}") from None
+    return None if text.lower() in ("", "none") and current is None else text
 
 
 class Models:
@@ -72,7 +101,7 @@ class Models:
         with self._lock:
             if self._embedder is None:
                 path = self.config.embedder or models.resolve(models.EMBEDDER)
-                self._embedder = Embedder(path, self.threads, pooling=self.config.pooling)
+                self._embedder = Embedder(path, self.threads, pooling=self.config.pooling, gem_p=self.config.gem_p)
             return self._embedder
 
 
@@ -99,8 +128,68 @@ def process(
         boxes = mdl.detector(img)
     config = replace(mdl.config.crop, strategy="whole") if whole else mdl.config.crop
     crop = choose_crop(img, boxes, config, manual=box)
-    vector = mdl.embedder([crop.image])[0]
+    if mdl.config.flip:
+        pair = mdl.embedder([crop.image, crop.image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)])
+        vector = l2_normalize(pair.sum(axis=0))
+    else:
+        vector = mdl.embedder([crop.image])[0]
     return Processed(vector, boxes, crop)
+
+
+class Encoder:
+    """Image bytes to vectors with one configuration: what indexing, search and eval share."""
+
+    def __init__(self, config: PipelineConfig, threads: int = 1, limits: Limits = DEFAULT_LIMITS):
+        self.config = config
+        self.models = Models(config, threads)
+        self.limits = limits
+
+    def read(self, source: ImageSource) -> bytes:
+        return read_bytes(source, self.limits)
+
+    def decode(self, data: bytes, name: str = "<bytes>") -> Image.Image:
+        return decode(data, name, self.limits)
+
+    @property
+    def uses_boxes(self) -> bool:
+        return self.config.crop.strategy in ("union", "best")
+
+    def detect(self, img: Image.Image) -> list[Box]:
+        return self.models.detector(img)
+
+    def encode(self, img: Image.Image, boxes: list[Box] | None = None, box: Box | None = None,
+               whole: bool = False) -> Processed:  # fmt: skip
+        if boxes is None and not self.uses_boxes:
+            boxes = []  # the crop strategy does not look at boxes: skip the detector
+        return process(self.models, img, box=box, boxes=boxes, whole=whole)
+
+
+def run_parallel(fn: Callable, items: list, threads: int, progress: Progress | None = None) -> Iterator[list]:
+    """fn over items on `threads` threads, yielding [(item, result), ...] a batch at a time, so the
+    caller can commit as it goes. Per-image failures become reason strings (see `safely`)."""
+    done = 0
+    with ThreadPoolExecutor(threads) as pool:
+        for part in _chunks(items, BATCH * threads):
+            yield list(zip(part, pool.map(fn, part), strict=True))
+            done += len(part)
+            if progress:
+                progress(done, len(items))
+
+
+def safely(fn: Callable) -> Callable:
+    """Wrap a per-image step: a bad image returns its reason; a missing model still stops the run."""
+
+    def wrapped(item):
+        try:
+            return fn(item)
+        except BadImageError as e:
+            return e.reason
+        except LookalikeError:
+            raise
+        except Exception as e:  # one bad image must not stop a long run
+            return f"failed to process ({type(e).__name__}: {e})"
+
+    return wrapped
 
 
 @dataclass
@@ -160,9 +249,6 @@ class IndexReport:
         return d
 
 
-Progress = Callable[[int, int | None], None]
-
-
 class Catalog:
     """A searchable shoe catalog stored in one directory."""
 
@@ -171,8 +257,8 @@ class Catalog:
         self.config = config
         self.threads = max(1, threads)
         self.limits = limits
-        self.models = Models(config, threads=1)
-        self._query_models: Models | None = None
+        self.encoder = Encoder(config, threads=1, limits=limits)  # one per indexing thread's image
+        self._query_encoder: Encoder | None = None
 
     @classmethod
     def open(cls, directory: str | Path, config: PipelineConfig | None = None, create: bool = False,
@@ -222,28 +308,20 @@ class Catalog:
                 items.append(entry)
         known = self.store.known()
         seen = {(it.product_id, it.image) for it in items}
-        total = len(items)
-        done = 0
-        pending: list[ImageRecord] = []
-        with ThreadPoolExecutor(self.threads) as pool:
-            for chunk in _chunks(items, BATCH * self.threads):
-                for item, outcome in zip(chunk, pool.map(lambda it: self._prepare(it, known), chunk), strict=True):
-                    if isinstance(outcome, ImageRecord):
-                        pending.append(outcome)
-                        if (item.product_id, item.image) in known:
-                            report.updated += 1
-                        else:
-                            report.added += 1
-                        report.crops[outcome.crop] = report.crops.get(outcome.crop, 0) + 1
-                    elif outcome is None:
-                        report.unchanged += 1
-                    else:
-                        report.failed.append((item.image, outcome))
-                self.store.add(pending)
-                pending = []
-                done += len(chunk)
-                if progress:
-                    progress(done, total)
+        prepare = safely(lambda item: self._prepare(item, known))
+        for batch in run_parallel(prepare, items, self.threads, progress):
+            pending: list[ImageRecord] = []
+            for item, outcome in batch:
+                if isinstance(outcome, ImageRecord):
+                    pending.append(outcome)
+                    report.updated += (item.product_id, item.image) in known
+                    report.added += (item.product_id, item.image) not in known
+                    report.crops[outcome.crop] = report.crops.get(outcome.crop, 0) + 1
+                elif outcome is None:
+                    report.unchanged += 1
+                else:
+                    report.failed.append((item.image, outcome))
+            self.store.add(pending)
         self._sync_metadata(items)
         if prune:
             gone = [key for key in known if key not in seen]
@@ -252,24 +330,15 @@ class Catalog:
         report.seconds = time.perf_counter() - t0
         return report
 
-    def _prepare(self, item: Item, known: dict[tuple[str, str], str]) -> ImageRecord | str | None:
-        """ImageRecord to store, None when unchanged, or the reason it failed."""
-        try:
-            data = read_bytes(item.image, self.limits)
-            sha = hashlib.sha256(data).hexdigest()
-            if known.get((item.product_id, item.image)) == sha:
-                return None
-            out = process(self.models, decode(data, item.image, self.limits))
-        except BadImageError as e:
-            return e.reason
-        except LookalikeError:
-            raise
-        except Exception as e:  # one bad image must not stop a long run
-            return f"failed to process ({type(e).__name__}: {e})"
-        return ImageRecord(
-            item.product_id, item.image, sha, out.vector, out.crop.path,
-            out.crop.box.to_dict() if out.crop.box else None, item.metadata,
-        )  # fmt: skip
+    def _prepare(self, item: Item, known: dict[tuple[str, str], str]) -> ImageRecord | None:
+        """The record to store, or None when the image is unchanged."""
+        data = self.encoder.read(item.image)
+        sha = hashlib.sha256(data).hexdigest()
+        if known.get((item.product_id, item.image)) == sha:
+            return None
+        out = self.encoder.encode(self.encoder.decode(data, item.image))
+        box = out.crop.box.to_dict() if out.crop.box else None
+        return ImageRecord(item.product_id, item.image, sha, out.vector, out.crop.path, box, item.metadata)
 
     def _sync_metadata(self, items: list[Item]) -> None:
         wanted: dict[str, dict] = {}
@@ -286,29 +355,29 @@ class Catalog:
 
     # -- search -------------------------------------------------------------------------------
     @property
-    def query_models(self) -> Models:
+    def query_encoder(self) -> Encoder:
         """Query-time models use every thread for one image, sharing nothing with indexing."""
-        if self._query_models is None:
-            self._query_models = Models(self.config, threads=self.threads)
-        return self._query_models
+        if self._query_encoder is None:
+            self._query_encoder = Encoder(self.config, threads=self.threads, limits=self.limits)
+        return self._query_encoder
 
     def warm_up(self) -> None:
         """Load the query models now rather than on the first search (servers, the web app)."""
-        self.query_models.detector  # noqa: B018
-        self.query_models.embedder  # noqa: B018
+        self.query_encoder.models.detector  # noqa: B018
+        self.query_encoder.models.embedder  # noqa: B018
 
     def load(self, image: ImageSource | Image.Image) -> Image.Image:
         """An upright RGB image from a path, a guarded URL or bytes (or a PIL image, converted)."""
         if isinstance(image, Image.Image):
             return image.convert("RGB")
-        return decode(read_bytes(image, self.limits), describe(image), self.limits)
+        return self.query_encoder.decode(self.query_encoder.read(image), describe(image))
 
     def detect(self, image: ImageSource | Image.Image | Query) -> Query:
         """Load and detect once, so a caller can show the boxes and then search with one of them."""
         if isinstance(image, Query):
             return image
         img = self.load(image)
-        return Query(img, self.query_models.detector(img))
+        return Query(img, self.query_encoder.detect(img))
 
     def search(self, image: ImageSource | Image.Image | Query, k: int = 10, where: dict[str, str] | None = None,
                box: int | str | Box | dict | None = None) -> SearchResult:  # fmt: skip
@@ -328,10 +397,14 @@ class Catalog:
             raise LookalikeError(f"box {box!r}: expected a number, 'whole' or x1,y1,x2,y2")
         elif isinstance(box, dict | Box):
             chosen = _valid_box(Box.from_dict(box) if isinstance(box, dict) else box, img)
-        out = process(self.query_models, img, box=chosen, boxes=boxes, whole=box == "whole")
+        out = self.query_encoder.encode(img, box=chosen, boxes=boxes, whole=box == "whole")
         matches = self.search_vector(out.vector, k, where)
         info = QueryInfo(boxes, out.crop.box, out.crop.path, (time.perf_counter() - t0) * 1000)
         return SearchResult(info, matches)
+
+    def embed(self, image: ImageSource | Image.Image) -> np.ndarray:
+        """The vector a photo is searched with (automatic crop)."""
+        return self.query_encoder.encode(self.load(image)).vector
 
     def search_vector(self, vector: np.ndarray, k: int = 10, where: dict[str, str] | None = None) -> list[Match]:
         """Products ranked by their best image's similarity."""
