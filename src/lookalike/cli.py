@@ -122,6 +122,33 @@ def cmd_app(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from lookalike.eval import evaluate, format_table
+
+    labels = Path(args.labels)
+    options = dict(_where(args.config) or {})
+    bar = tqdm(total=None, unit="img", disable=args.quiet or None, desc="embedding", file=sys.stderr)
+
+    def progress(done: int, total: int | None) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    result = evaluate(
+        labels, Path(args.root) if args.root else labels.parent, args.label, args.query, args.gallery,
+        options, threads=args.threads, cache_path=Path(args.cache) if args.cache else None, progress=progress,
+        image_column=args.image_column,
+    )  # fmt: skip
+    bar.close()
+    for where, reason in result.failed:
+        print(f"skipped {where}: {reason}", file=sys.stderr)
+    print(format_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2))
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     if args.action == "pull":
         tgz = Path(args.objectron_tgz) if args.objectron_tgz else None
@@ -181,6 +208,22 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     sp.add_argument("--port", type=int, default=8501)
     sp.set_defaults(func=cmd_app)
+
+    sp = sub.add_parser("eval", help="measure retrieval quality on labelled images")
+    sp.add_argument("labels", help="CSV with a column of image paths (--image-column) and label columns")
+    sp.add_argument("--root", help="folder the image paths are relative to (default: the CSV's folder)")
+    sp.add_argument("--label", required=True, help="column whose equality makes a hit")
+    sp.add_argument("--query", help="rows used as queries, e.g. scene=wild (default: all)")
+    sp.add_argument("--gallery", help="rows searched, e.g. scene=catalog (default: all; never the query itself)")
+    sp.add_argument("--config", action="append", metavar="KEY=VALUE",
+                    help="pipeline option, repeatable: pooling=gem, flip=true, crop.strategy=whole, "
+                    "crop.margin=0.1, whiten=256, qe=2 ...")  # fmt: skip
+    sp.add_argument("--image-column", default="file")
+    sp.add_argument("--json", metavar="OUT", help="also write the metrics as JSON")
+    sp.add_argument("--cache", help="embedding cache file (default ~/.cache/lookalike/eval.db)")
+    sp.add_argument("--threads", type=int, default=2)
+    sp.add_argument("-q", "--quiet", action="store_true")
+    sp.set_defaults(func=cmd_eval)
 
     sp = sub.add_parser("models", help="fetch or check the model files")
     sp.add_argument("action", choices=["pull", "check"])

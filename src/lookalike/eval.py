@@ -1,0 +1,250 @@
+"""`lookalike eval`: retrieval quality on labelled photos, to choose the pipeline by the numbers.
+
+A labels CSV has one row per image (`file`, relative to --root) and label columns. Gallery images
+are embedded with a pipeline configuration, each query image is ranked against the gallery (never
+against itself), and a query hits at k when a gallery image with its label is in the top k.
+Vectors are cached per image content and configuration in a SQLite file, so comparing
+configurations only computes what changed; detections are cached per image and detector too.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lookalike.detect import Box
+from lookalike.errors import LookalikeError
+from lookalike.pipeline import Encoder, PipelineConfig, Progress, run_parallel, safely
+
+KS = (1, 5, 10)
+# options applied to the vectors after embedding (eval-level: learned on the gallery)
+POST_OPTIONS = {"whiten": 0, "qe": 0, "qe_alpha": 3.0}
+
+
+# -- selecting rows ---------------------------------------------------------------------------
+def parse_where(text: str) -> Callable[[dict], bool]:
+    """`col=value`, `col!=value`, `col=` (empty) or `col!=` (non-empty); several joined by `&`."""
+    tests = []
+    for part in text.split("&"):
+        part = part.strip()
+        if "!=" in part:
+            col, value = part.split("!=", 1)
+            tests.append((col.strip(), value.strip(), False))
+        elif "=" in part:
+            col, value = part.split("=", 1)
+            tests.append((col.strip(), value.strip(), True))
+        else:
+            raise LookalikeError(f"selection {text!r}: expected COLUMN=VALUE or COLUMN!=VALUE")
+    return lambda row: all((row.get(c, "") == v) == eq for c, v, eq in tests)
+
+
+def read_labels(path: Path, root: Path, label: str, image_column: str = "file") -> list[dict]:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as e:
+        raise LookalikeError(f"{path}: cannot read labels ({e.strerror})") from None
+    if not rows:
+        raise LookalikeError(f"{path}: no rows")
+    for col in (image_column, label):
+        if col not in rows[0]:
+            raise LookalikeError(f"{path}: no column {col!r} (columns: {', '.join(rows[0])})")
+    for r in rows:
+        r["__path__"] = str(root / r[image_column])
+    return rows
+
+
+# -- metrics ----------------------------------------------------------------------------------
+def retrieval_metrics(sim: np.ndarray, q_labels: list[str], g_labels: list[str], ks=KS, map_k: int = 10) -> dict:
+    """Recall@k and mAP@k from a [queries, gallery] similarity matrix (use -inf to exclude a pair).
+
+    A query with no relevant gallery item is left out of the averages (and counted)."""
+    g = np.asarray(g_labels, dtype=object)
+    q = np.asarray(q_labels, dtype=object)
+    depth = min(max(max(ks), map_k), sim.shape[1])
+    top = (
+        np.argpartition(-sim, depth - 1, axis=1)[:, :depth]
+        if depth < sim.shape[1]
+        else np.tile(np.arange(sim.shape[1]), (sim.shape[0], 1))
+    )
+    order = np.take_along_axis(sim, top, axis=1).argsort(axis=1)[:, ::-1]
+    ranked = np.take_along_axis(top, order, axis=1)
+    valid = np.isfinite(np.take_along_axis(sim, ranked, axis=1))
+    rel = (g[ranked] == q[:, None]) & valid
+    # relevant = same label and comparable (an excluded pair, like the query itself, is -inf)
+    relevant_total = ((g[None, :] == q[:, None]) & np.isfinite(sim)).sum(axis=1)
+    ok = relevant_total > 0
+    out = {"queries": int(ok.sum()), "queries_without_relevant": int((~ok).sum())}
+    for k in ks:
+        out[f"recall@{k}"] = float(rel[ok, :k].any(axis=1).mean()) if ok.any() else 0.0
+    hits = rel[:, :map_k]
+    precision = np.cumsum(hits, axis=1) / np.arange(1, hits.shape[1] + 1)
+    ap = (precision * hits).sum(axis=1) / np.minimum(relevant_total, map_k).clip(min=1)
+    out[f"mAP@{map_k}"] = float(ap[ok].mean()) if ok.any() else 0.0
+    return out
+
+
+# -- post-processing learned on the gallery ---------------------------------------------------
+def pca_whiten(gallery: np.ndarray, dim: int, eps: float = 1e-6) -> Callable[[np.ndarray], np.ndarray]:
+    """PCA whitening (Jégou & Chum 2012) learned on the gallery vectors; returns the projection."""
+    mean = gallery.mean(axis=0)
+    _, s, vt = np.linalg.svd(gallery - mean, full_matrices=False)
+    dim = min(dim, vt.shape[0])
+    proj = vt[:dim].T / (s[:dim] / np.sqrt(len(gallery)) + eps)
+
+    def apply(x: np.ndarray) -> np.ndarray:
+        y = (x - mean) @ proj
+        return (y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+    return apply
+
+
+def query_expansion(qv: np.ndarray, gv: np.ndarray, sim: np.ndarray, n: int, alpha: float) -> np.ndarray:
+    """alpha-QE (Radenović et al.): add the top-n gallery vectors, weighted by similarity^alpha."""
+    top = np.argsort(-sim, axis=1)[:, :n]
+    w = np.clip(np.take_along_axis(sim, top, axis=1), 0, None) ** alpha
+    expanded = qv + np.einsum("qn,qnd->qd", w, gv[top])
+    return expanded / np.maximum(np.linalg.norm(expanded, axis=1, keepdims=True), 1e-12)
+
+
+# -- the cache --------------------------------------------------------------------------------
+class VectorCache:
+    """SQLite: vectors by (image sha256, configuration hash), boxes by (image sha256, detector)."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS vectors (sha TEXT, config TEXT, vector BLOB, PRIMARY KEY (sha, config))"
+        )
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS boxes (sha TEXT, detector TEXT, boxes TEXT, PRIMARY KEY (sha, detector))"
+        )
+        self.lock = threading.Lock()
+
+    def vector(self, sha: str, config: str) -> np.ndarray | None:
+        with self.lock:
+            row = self.db.execute("SELECT vector FROM vectors WHERE sha=? AND config=?", (sha, config)).fetchone()
+        return np.frombuffer(row[0], dtype=np.float32) if row else None
+
+    def put_vector(self, sha: str, config: str, vector: np.ndarray) -> None:
+        with self.lock:
+            self.db.execute(
+                "INSERT OR REPLACE INTO vectors VALUES (?,?,?)", (sha, config, vector.astype(np.float32).tobytes())
+            )
+
+    def boxes(self, sha: str, detector: str) -> list[Box] | None:
+        with self.lock:
+            row = self.db.execute("SELECT boxes FROM boxes WHERE sha=? AND detector=?", (sha, detector)).fetchone()
+        return [Box.from_dict(b) for b in json.loads(row[0])] if row else None
+
+    def put_boxes(self, sha: str, detector: str, boxes: list[Box]) -> None:
+        with self.lock:
+            self.db.execute(
+                "INSERT OR REPLACE INTO boxes VALUES (?,?,?)", (sha, detector, json.dumps([b.to_dict() for b in boxes]))
+            )
+
+
+def default_cache() -> Path:
+    return Path(os.environ.get("LOOKALIKE_EVAL_CACHE", Path.home() / ".cache" / "lookalike" / "eval.db"))
+
+
+# -- the evaluation ---------------------------------------------------------------------------
+@dataclass
+class EvalResult:
+    metrics: dict
+    config: dict
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {**self.metrics, "config": self.config, "failed": [{"image": p, "reason": r} for p, r in self.failed]}
+
+
+def split_options(options: dict[str, str]) -> tuple[dict[str, str], dict[str, float]]:
+    post = {k: type(POST_OPTIONS[k])(v) for k, v in options.items() if k in POST_OPTIONS}
+    return {k: v for k, v in options.items() if k not in POST_OPTIONS}, {**POST_OPTIONS, **post}
+
+
+def embed_rows(rows: list[dict], encoder: Encoder, cache: VectorCache, threads: int = 2,
+               progress: Progress | None = None) -> tuple[np.ndarray, list[tuple[str, str]]]:  # fmt: skip
+    """Vectors for rows (NaN rows where the image failed), through the cache."""
+    config_key = hashlib.sha256(encoder.config.to_json().encode()).hexdigest()[:16]
+    detector_key = encoder.config.detector or "default-ssd"
+
+    def one(row: dict) -> np.ndarray:
+        data = encoder.read(row["__path__"])
+        sha = hashlib.sha256(data).hexdigest()
+        cached = cache.vector(sha, config_key)
+        if cached is not None:
+            return cached
+        img = encoder.decode(data, row["__path__"])
+        boxes = None
+        if encoder.uses_boxes:
+            boxes = cache.boxes(sha, detector_key)
+            if boxes is None:
+                boxes = encoder.detect(img)
+                cache.put_boxes(sha, detector_key, boxes)
+        vector = encoder.encode(img, boxes=boxes).vector
+        cache.put_vector(sha, config_key, vector)
+        return vector
+
+    vectors: list[np.ndarray | None] = []
+    failed = []
+    for batch in run_parallel(safely(one), rows, threads, progress):
+        for row, out in batch:
+            if isinstance(out, str):
+                failed.append((row["__path__"], out))
+                vectors.append(None)
+            else:
+                vectors.append(out)
+    dim = next((v.shape[0] for v in vectors if v is not None), 1)
+    return np.stack([v if v is not None else np.full(dim, np.nan, np.float32) for v in vectors]), failed
+
+
+def evaluate(labels: Path, root: Path, label: str, query: str | None = None, gallery: str | None = None,
+             options: dict[str, str] | None = None, threads: int = 2, cache_path: Path | None = None,
+             progress: Progress | None = None, image_column: str = "file") -> EvalResult:  # fmt: skip
+    """Index the gallery rows, search with the query rows, measure. With neither selection: leave-one-out."""
+    rows = read_labels(labels, root, label, image_column)
+    pipeline_options, post = split_options(options or {})
+    config = PipelineConfig().with_options(pipeline_options)
+    encoder = Encoder(config, threads=1)
+    vectors, failed = embed_rows(rows, encoder, VectorCache(cache_path or default_cache()), threads, progress)
+    ok = ~np.isnan(vectors).any(axis=1)
+    in_query = np.array([parse_where(query)(r) if query else True for r in rows]) & ok
+    in_gallery = np.array([parse_where(gallery)(r) if gallery else True for r in rows]) & ok
+    in_query &= np.array([r[label] != "" for r in rows])  # an unlabelled image cannot be scored
+    qi, gi = np.nonzero(in_query)[0], np.nonzero(in_gallery)[0]
+    if len(qi) == 0 or len(gi) == 0:
+        raise LookalikeError(f"no {'query' if len(qi) == 0 else 'gallery'} images selected")
+    qv, gv = vectors[qi], vectors[gi]
+    if post["whiten"]:
+        project = pca_whiten(gv, int(post["whiten"]))
+        qv, gv = project(qv), project(gv)
+    sim = qv @ gv.T
+    sim[qi[:, None] == gi[None, :]] = -np.inf  # never match an image with itself
+    if post["qe"]:
+        qv = query_expansion(qv, gv, sim, int(post["qe"]), float(post["qe_alpha"]))
+        sim = qv @ gv.T
+        sim[qi[:, None] == gi[None, :]] = -np.inf
+    metrics = retrieval_metrics(sim, [rows[i][label] for i in qi], [rows[i][label] for i in gi])
+    metrics["gallery"] = int(len(gi))
+    return EvalResult(metrics, {**json.loads(config.to_json()), **post}, failed)
+
+
+def format_table(result: EvalResult) -> str:
+    m = result.metrics
+    keys = [f"recall@{k}" for k in KS] + ["mAP@10"]
+    lines = ["| queries | gallery | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
+    lines.append(f"| {m['queries']} | {m['gallery']} | " + " | ".join(f"{m[k]:.3f}" for k in keys) + " |")
+    return "\n".join(lines)
