@@ -76,6 +76,9 @@ def test_refused_url_is_a_clear_message(monkeypatch, sneaker_catalog):
     assert not at.exception
     assert any("non-public address" in e.value for e in at.error)
     assert not cards(at)
+    at.text_input(key="url").input("/etc/passwd")
+    at.button[0].click().run()
+    assert any("only http:// and https://" in e.value for e in at.error)
 
 
 def test_no_catalog_and_empty_catalog(monkeypatch, tmp_path):

@@ -84,7 +84,11 @@ def query_inputs(cat: Catalog) -> None:
         with st.form("url_form", border=False):
             address = st.text_input("Image URL", placeholder="https://…/shoe.jpg", key="url")
             if st.form_submit_button("Search this URL") and address.strip():
-                set_query(cat, address.strip(), address.strip())
+                address = address.strip()
+                if address.lower().startswith(("http://", "https://")):
+                    set_query(cat, address, address)
+                else:  # a bare string would be read as a path on the server
+                    st.session_state["load_error"] = f"{address}: only http:// and https:// URLs are accepted"
     with examples:
         picks = cat.examples(COLUMNS * 2)
         cols = st.columns(COLUMNS)

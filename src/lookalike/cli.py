@@ -122,6 +122,21 @@ def cmd_app(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from lookalike.api import ApiSettings, serve
+    except ImportError:
+        raise LookalikeError("the API needs FastAPI and uvicorn: pip install 'lookalike[api]'") from None
+    settings = ApiSettings.from_env(
+        args.token_file, protect_reads=args.protect_reads, threads=args.threads,
+        max_upload_bytes=args.max_upload_mb * 1024 * 1024,
+    )  # fmt: skip
+    if settings.token is None:
+        print("lookalike serve: no LOOKALIKE_API_TOKEN: write endpoints are off", file=sys.stderr)
+    serve(args.catalog, args.host, args.port, settings)
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -208,6 +223,16 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     sp.add_argument("--port", type=int, default=8501)
     sp.set_defaults(func=cmd_app)
+
+    sp = sub.add_parser("serve", help="start the REST API (FastAPI + uvicorn)")
+    catalog_arg(sp)
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--port", type=int, default=8000)
+    sp.add_argument("--token-file", help="file holding the write token (else $LOOKALIKE_API_TOKEN)")
+    sp.add_argument("--protect-reads", action="store_true", help="reads need the token too")
+    sp.add_argument("--max-upload-mb", type=int, default=10)
+    sp.add_argument("--threads", type=int, default=2, help="inference threads per request")
+    sp.set_defaults(func=cmd_serve)
 
     sp = sub.add_parser("eval", help="measure retrieval quality on labelled images")
     sp.add_argument("labels", help="CSV with a column of image paths (--image-column) and label columns")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -252,8 +253,10 @@ class IndexReport:
 class Catalog:
     """A searchable shoe catalog stored in one directory."""
 
-    def __init__(self, store: Store, config: PipelineConfig, threads: int = 2, limits: Limits = DEFAULT_LIMITS):
+    def __init__(self, directory: Path, store: Store, config: PipelineConfig, threads: int = 2,
+                 limits: Limits = DEFAULT_LIMITS):  # fmt: skip
         self.store = store
+        self.directory = Path(directory)
         self.config = config
         self.threads = max(1, threads)
         self.limits = limits
@@ -282,7 +285,7 @@ class Catalog:
         else:
             config = config or PipelineConfig()
             store.set_meta("config", config.to_json())
-        return cls(store, config, threads=threads, limits=limits)
+        return cls(directory, store, config, threads=threads, limits=limits)
 
     def close(self) -> None:
         self.store.close()
@@ -349,6 +352,36 @@ class Catalog:
         if changed:
             self.store.set_products(changed)
 
+    def add_product(self, product_id: str, images: list[ImageSource], metadata: dict | None = None) -> dict:
+        """Add or replace one product (its metadata and all its images) in one transaction.
+        Image bytes are kept under the catalog's uploads/ folder; paths and URLs are kept as given.
+        Every image must load, or nothing changes."""
+        if not product_id or not images:
+            raise LookalikeError("a product needs an id and at least one image")
+        records = []
+        for source in images:
+            data = self.query_encoder.read(source)
+            sha = hashlib.sha256(data).hexdigest()
+            out = self.query_encoder.encode(self.query_encoder.decode(data, describe(source)))
+            key = self._keep_upload(data, sha) if isinstance(source, bytes | bytearray) else str(source)
+            box = out.crop.box.to_dict() if out.crop.box else None
+            records.append(ImageRecord(product_id, key, sha, out.vector, out.crop.path, box, metadata or {}))
+        self.store.add(records, replace_products=[product_id])
+        return self.product(product_id) or {}
+
+    def _keep_upload(self, data: bytes, sha: str) -> str:
+        folder = self.directory / "uploads" / sha[:2]
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / sha
+        if not path.exists():
+            tmp = folder / f".{sha}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        return str(path)
+
     def remove(self, product_ids: list[str]) -> int:
         """Drop products with all their images; returns the number of images removed."""
         return self.store.remove(products=product_ids)
@@ -365,6 +398,10 @@ class Catalog:
         """Load the query models now rather than on the first search (servers, the web app)."""
         self.query_encoder.models.detector  # noqa: B018
         self.query_encoder.models.embedder  # noqa: B018
+
+    def models_loaded(self) -> bool:
+        m = self._query_encoder.models if self._query_encoder else None
+        return bool(m and m._detector is not None and m._embedder is not None)
 
     def load(self, image: ImageSource | Image.Image) -> Image.Image:
         """An upright RGB image from a path, a guarded URL or bytes (or a PIL image, converted)."""

@@ -38,8 +38,9 @@ class Hit:
 class Store(Protocol):
     dim: int | None
 
-    def add(self, records: list[ImageRecord]) -> None:
-        """Insert or replace images (by product_id + image), atomically for the batch."""
+    def add(self, records: list[ImageRecord], replace_products: list[str] = ()) -> None:
+        """Insert or replace images (by product_id + image), atomically for the batch; with
+        replace_products, those products' other images are dropped in the same transaction."""
 
     def remove(self, images: list[tuple[str, str]] = (), products: list[str] = ()) -> int:
         """Drop images by (product_id, image) and whole products; returns images removed."""

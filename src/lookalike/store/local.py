@@ -98,7 +98,9 @@ class LocalStore:
         self._set_meta("generation", str(gen))
 
     # -- writes -------------------------------------------------------------------------------
-    def add(self, records: list[ImageRecord]) -> None:
+    def add(self, records: list[ImageRecord], replace_products: list[str] = ()) -> None:
+        """Insert or replace images; `replace_products` first drops every image of those products,
+        in the same transaction, so a reader sees the old product or the new one, never a mix."""
         if not records:
             return
         dim = records[0].vector.shape[-1]
@@ -112,6 +114,10 @@ class LocalStore:
             with self._tx():
                 if self.get_meta("dim") is None:
                     self._set_meta("dim", str(self.dim))
+                for product_id in replace_products:
+                    rows = self.db.execute("SELECT id FROM images WHERE product_id=?", (product_id,)).fetchall()
+                    replaced += [r[0] for r in rows]
+                    self.db.execute("DELETE FROM images WHERE product_id=?", (product_id,))
                 for r in records:
                     self.db.execute(
                         "INSERT INTO products(product_id, metadata) VALUES(?, ?) "
