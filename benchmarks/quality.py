@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 from lookalike.eval import evaluate
-from lookalike.pipeline import PipelineConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 DATASETS = Path(os.environ.get("LOOKALIKE_DATASETS", ROOT.parent / "shared" / "datasets")).resolve()
 
 # (name, labels, label column, query selection, gallery selection)
@@ -30,10 +30,13 @@ SUITES = [
     ("4. fashion footwear type", "fashion_product_footwear", "articleType", None, None),
 ]
 
-BEFORE = {"crop.strategy": "union", "crop.margin": "0.05", "pooling": "avg", "flip": "false"}
+BEFORE = {"crop.strategy": "union", "crop.margin": "0.05", "pooling": "avg", "flip": "false",
+          "embed_size": "224", "whiten": "0"}  # fmt: skip
+GEM288 = {**BEFORE, "pooling": "gem", "embed_size": "288"}
+MULTILAYER = ROOT / "benchmarks" / "out" / "lite0_multilayer_288.onnx"
 # name -> options; the first is the pipeline as it was before the evaluation work
 CONFIGS: dict[str, dict[str, str]] = {
-    "before: detector crop (union), avg pooling": BEFORE,
+    "before: detector crop (union), avg pooling, 224 px": BEFORE,
     "whole image, no detection": {**BEFORE, "crop.strategy": "whole"},
     "non-white area crop, no detection": {**BEFORE, "crop.strategy": "nonwhite"},
     "best box only": {**BEFORE, "crop.strategy": "best"},
@@ -41,12 +44,19 @@ CONFIGS: dict[str, dict[str, str]] = {
     "union, margin 0.15": {**BEFORE, "crop.margin": "0.15"},
     "union, grey padding": {**BEFORE, "crop.pad_color": "124,116,104"},
     "GeM pooling (p=3)": {**BEFORE, "pooling": "gem"},
+    "GeM pooling (p=4)": {**BEFORE, "pooling": "gem", "gem_p": "4"},
     "horizontal-flip averaging": {**BEFORE, "flip": "true"},
-    "PCA whitening 256-d (learned on the gallery)": {**BEFORE, "whiten": "256"},
-    "PCA whitening 512-d": {**BEFORE, "whiten": "512"},
+    "PCA whitening 512-d, full (power 1)": {**BEFORE, "whiten": "512", "whiten_power": "1"},
+    "PCA whitening 512-d, shrunk (power 0.5)": {**BEFORE, "whiten": "512", "whiten_power": "0.5"},
     "query expansion (alpha-QE, n=2)": {**BEFORE, "qe": "2"},
     "GeM + flip": {**BEFORE, "pooling": "gem", "flip": "true"},
-    "GeM + flip + whitening 512-d": {**BEFORE, "pooling": "gem", "flip": "true", "whiten": "512"},
+    "GeM + flip + whitening 512-d (power 0.5)": {**BEFORE, "pooling": "gem", "flip": "true", "whiten": "512"},
+    "GeM, input 256 px": {**BEFORE, "pooling": "gem", "embed_size": "256"},
+    "GeM, input 288 px": GEM288,
+    "GeM, input 320 px": {**BEFORE, "pooling": "gem", "embed_size": "320"},
+    "GeM 288 px + multi-layer (block 14 + head)": {**GEM288, "embedder": str(MULTILAYER)},
+    "GeM 288 px + whitening 512-d (power 0.5)": {**GEM288, "whiten": "512"},
+    "GeM 288 px + whitening 1024-d (power 0.5)": {**GEM288, "whiten": "1024"},
 }
 
 
@@ -84,10 +94,8 @@ def ablation_table(results: dict[str, list[dict]]) -> str:
 
 
 def default_options() -> dict[str, str]:
-    """The shipped default pipeline, as eval options."""
-    d = PipelineConfig()
-    return {"crop.strategy": d.crop.strategy, "crop.margin": str(d.crop.margin), "pooling": d.pooling,
-            "flip": str(d.flip).lower()}  # fmt: skip
+    """The shipped default pipeline (no options: PipelineConfig's defaults)."""
+    return {}
 
 
 def main() -> None:
@@ -99,6 +107,11 @@ def main() -> None:
     if args.only:
         wanted = [w.strip() for w in args.only.split(",")]
         configs = {n: o for n, o in configs.items() if any(n.startswith(w) for w in wanted)}
+    if any(o.get("embedder") == str(MULTILAYER) for o in configs.values()) and not MULTILAYER.exists():
+        from multilayer import build
+
+        MULTILAYER.parent.mkdir(exist_ok=True)
+        build(str(MULTILAYER))
     results = {}
     for name, options in configs.items():
         t0 = time.perf_counter()

@@ -98,3 +98,45 @@ def test_hnsw_recall_against_exact(tmp_path):
     top = hnsw.search(queries[0], 1)[0]
     hnsw.remove(images=[(top.product_id, top.image)])
     assert top.image not in {h.image for h in hnsw.search(queries[0], 10)}
+
+
+def test_migrates_a_version_1_catalog(tmp_path):
+    from lookalike.store.local import MIGRATIONS
+
+    db = sqlite3.connect(tmp_path / DB_NAME)
+    for stmt in MIGRATIONS[1]:
+        db.execute(stmt)
+    db.execute("INSERT INTO products VALUES ('p', '{}')")
+    db.execute(
+        "INSERT INTO images(product_id, image, sha256, vector, crop) VALUES ('p', 'a.jpg', 's', ?, 'whole')",
+        (unit(np.ones((1, 4)))[0].tobytes(),),
+    )
+    db.execute("INSERT INTO meta VALUES ('dim', '4')")
+    db.execute("PRAGMA user_version=1")
+    db.commit()
+    db.close()
+    store = LocalStore(tmp_path)
+    assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert store.count() == (1, 1) and store.search(unit(np.ones(4)), 1)[0].image == "a.jpg"
+
+
+def test_learned_projection_applies_to_index_and_queries(tmp_path):
+    from lookalike.embed import Whitening
+
+    rng = np.random.default_rng(3)
+    vecs = unit(rng.normal(size=(300, 32)) * np.linspace(3, 0.1, 32))  # strongly anisotropic
+    store = LocalStore(tmp_path)
+    store.add(records(vecs, [f"p{i}" for i in range(300)]))
+    raw_top = [h.image for h in store.search(vecs[5], 5)]
+    whitening = Whitening.fit(store.vectors(), 8, power=0.5)
+    store.set_projection(whitening)
+    assert store._ensure_index().d == 8
+    hits = store.search(vecs[5], 5)
+    assert hits[0].image == raw_top[0] and hits[0].score == pytest.approx(1.0, abs=1e-5)
+    store.add(records(vecs[:1] * -1, ["new"]))  # added after: projected on the way in
+    assert store.search(-vecs[0], 1)[0].product_id == "new"
+    store.close()
+    again = LocalStore(tmp_path)  # the projection persists
+    assert again._ensure_index().d == 8 and again.search(vecs[5], 1)[0].image == raw_top[0]
+    again.set_projection(None)
+    assert again._ensure_index().d == 32

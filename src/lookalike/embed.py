@@ -34,7 +34,8 @@ def l2_normalize(v: np.ndarray) -> np.ndarray:
 class Embedder:
     """Image -> L2-normalised vector. `pooling` is 'avg' or 'gem' for feature-map outputs."""
 
-    def __init__(self, path: Path | str, threads: int = 1, pooling: str = "avg", gem_p: float = 3.0):
+    def __init__(self, path: Path | str, threads: int = 1, pooling: str = "avg", gem_p: float = 3.0,
+                 size: int | None = None):  # fmt: skip
         self.path = Path(path)
         self.session = session(path, threads)
         meta = onnx_metadata(self.session)
@@ -44,7 +45,10 @@ class Embedder:
         self.input_name = inp.name
         self.nchw = inp.shape[1] == 3
         fixed = [d for d in (inp.shape[2:] if self.nchw else inp.shape[1:3]) if isinstance(d, int)]
-        self.size = int(meta.get("lookalike.input_size") or (fixed[0] if fixed else 224))
+        native = int(meta.get("lookalike.input_size") or (fixed[0] if fixed else 224))
+        if size and fixed and size != fixed[0]:
+            raise LookalikeError(f"{path}: takes {fixed[0]}x{fixed[0]} images only, not {size}")
+        self.size = size or native
         self.mean = _floats(meta.get("lookalike.mean"), IMAGENET_MEAN)
         self.std = _floats(meta.get("lookalike.std"), IMAGENET_STD)
         self.batchable = not isinstance(inp.shape[0], int)
@@ -82,3 +86,29 @@ class Embedder:
         if not images:
             return np.zeros((0, self.dim), dtype=np.float32)
         return l2_normalize(self._run(images))
+
+
+class Whitening:
+    """PCA whitening learned on a catalog's vectors (Jégou & Chum 2012), with shrinkage:
+    components are divided by std**power (1 = full whitening, 0.5 = the square root), then the
+    result is L2-normalised. It also shrinks the vectors to `dim` components."""
+
+    def __init__(self, mean: np.ndarray, matrix: np.ndarray):
+        self.mean = mean.astype(np.float32)
+        self.matrix = matrix.astype(np.float32)
+
+    @property
+    def dim(self) -> int:
+        return int(self.matrix.shape[1])
+
+    @classmethod
+    def fit(cls, vectors: np.ndarray, dim: int, power: float = 0.5, eps: float = 1e-6) -> Whitening:
+        vectors = vectors.astype(np.float64)
+        mean = vectors.mean(axis=0)
+        _, s, vt = np.linalg.svd(vectors - mean, full_matrices=False)
+        dim = max(1, min(dim, vt.shape[0] - 1))
+        std = s[:dim] / np.sqrt(len(vectors))
+        return cls(mean, vt[:dim].T / (std + eps) ** power)
+
+    def __call__(self, vectors: np.ndarray) -> np.ndarray:
+        return l2_normalize((np.atleast_2d(vectors) - self.mean) @ self.matrix)

@@ -23,11 +23,11 @@ import numpy as np
 
 from lookalike.detect import Box
 from lookalike.errors import LookalikeError
-from lookalike.pipeline import Encoder, PipelineConfig, Progress, run_parallel, safely
+from lookalike.pipeline import Encoder, PipelineConfig, Progress, learn_whitening, run_parallel, safely
 
 KS = (1, 5, 10)
-# options applied to the vectors after embedding (eval-level: learned on the gallery)
-POST_OPTIONS = {"whiten": 0, "qe": 0, "qe_alpha": 3.0}
+# eval-only options, applied to the ranking (query expansion)
+POST_OPTIONS = {"qe": 0, "qe_alpha": 3.0}
 
 
 # -- selecting rows ---------------------------------------------------------------------------
@@ -93,21 +93,7 @@ def retrieval_metrics(sim: np.ndarray, q_labels: list[str], g_labels: list[str],
     return out
 
 
-# -- post-processing learned on the gallery ---------------------------------------------------
-def pca_whiten(gallery: np.ndarray, dim: int, eps: float = 1e-6) -> Callable[[np.ndarray], np.ndarray]:
-    """PCA whitening (Jégou & Chum 2012) learned on the gallery vectors; returns the projection."""
-    mean = gallery.mean(axis=0)
-    _, s, vt = np.linalg.svd(gallery - mean, full_matrices=False)
-    dim = min(dim, vt.shape[0])
-    proj = vt[:dim].T / (s[:dim] / np.sqrt(len(gallery)) + eps)
-
-    def apply(x: np.ndarray) -> np.ndarray:
-        y = (x - mean) @ proj
-        return (y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)).astype(np.float32)
-
-    return apply
-
-
+# -- post-processing ---------------------------------------------------------------------------
 def query_expansion(qv: np.ndarray, gv: np.ndarray, sim: np.ndarray, n: int, alpha: float) -> np.ndarray:
     """alpha-QE (Radenović et al.): add the top-n gallery vectors, weighted by similarity^alpha."""
     top = np.argsort(-sim, axis=1)[:, :n]
@@ -178,8 +164,7 @@ def split_options(options: dict[str, str]) -> tuple[dict[str, str], dict[str, fl
 def embed_rows(rows: list[dict], encoder: Encoder, cache: VectorCache, threads: int = 2,
                progress: Progress | None = None) -> tuple[np.ndarray, list[tuple[str, str]]]:  # fmt: skip
     """Vectors for rows (NaN rows where the image failed), through the cache."""
-    config_key = hashlib.sha256(encoder.config.to_json().encode()).hexdigest()[:16]
-    detector_key = encoder.config.detector or "default-ssd"
+    config_key, detector_key = encoder.fingerprints()
 
     def one(row: dict) -> np.ndarray:
         data = encoder.read(row["__path__"])
@@ -228,9 +213,9 @@ def evaluate(labels: Path, root: Path, label: str, query: str | None = None, gal
     if len(qi) == 0 or len(gi) == 0:
         raise LookalikeError(f"no {'query' if len(qi) == 0 else 'gallery'} images selected")
     qv, gv = vectors[qi], vectors[gi]
-    if post["whiten"]:
-        project = pca_whiten(gv, int(post["whiten"]))
-        qv, gv = project(qv), project(gv)
+    whitening = learn_whitening(config, gv)  # learned on the gallery, as a catalog learns it on itself
+    if whitening is not None:
+        qv, gv = whitening(qv), whitening(gv)
     sim = qv @ gv.T
     sim[qi[:, None] == gi[None, :]] = -np.inf  # never match an image with itself
     if post["qe"]:

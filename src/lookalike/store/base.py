@@ -75,6 +75,15 @@ class Store(Protocol):
     def flush(self) -> None:
         """Persist whatever makes the next open fast; data is already durable."""
 
+    def vectors(self) -> np.ndarray:
+        """Every stored vector, as added (what a learned projection is fitted on)."""
+
+    def set_projection(self, projection) -> None:
+        """A learned projection (e.g. embed.Whitening) applied to stored and query vectors; None clears it."""
+
+    def search_dim(self) -> int | None:
+        """Size of the vectors searched (after any projection)."""
+
     def get_meta(self, key: str) -> str | None: ...
 
     def set_meta(self, key: str, value: str) -> None: ...

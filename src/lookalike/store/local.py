@@ -17,11 +17,12 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from lookalike.embed import Whitening
 from lookalike.errors import LookalikeError
 from lookalike.store.base import Hit, ImageRecord
 
 DB_NAME = "catalog.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MIGRATIONS: dict[int, list[str]] = {
     1: [
         "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -38,6 +39,8 @@ MIGRATIONS: dict[int, list[str]] = {
         )""",
         "CREATE INDEX images_product ON images(product_id)",
     ],
+    # v2: a projection learned on the catalog (PCA whitening), applied to every vector in the index
+    2: ["CREATE TABLE projection (id INTEGER PRIMARY KEY CHECK (id = 1), mean BLOB NOT NULL, matrix BLOB NOT NULL)"],
 }
 
 
@@ -61,6 +64,7 @@ class LocalStore:
         dim = self.get_meta("dim")
         self.dim = int(dim) if dim else None
         self._index: faiss.Index | None = None
+        self._projection = self._load_projection()
 
     # -- schema -------------------------------------------------------------------------------
     def _migrate(self) -> None:
@@ -96,6 +100,42 @@ class LocalStore:
     def _bump_generation(self) -> None:
         gen = int(self.get_meta("generation") or 0) + 1
         self._set_meta("generation", str(gen))
+
+    # -- the learned projection ---------------------------------------------------------------
+    def _load_projection(self) -> Whitening | None:
+        row = self.db.execute("SELECT mean, matrix FROM projection WHERE id = 1").fetchone()
+        if row is None:
+            return None
+        mean = np.frombuffer(row[0], dtype=np.float32)
+        return Whitening(mean, np.frombuffer(row[1], dtype=np.float32).reshape(len(mean), -1))
+
+    def set_projection(self, projection: Whitening | None) -> None:
+        """Vectors are stored as given; the index holds them projected, and queries are projected too."""
+        with self.lock:
+            with self._tx():
+                self.db.execute("DELETE FROM projection")
+                if projection is not None:
+                    self.db.execute(
+                        "INSERT INTO projection(id, mean, matrix) VALUES (1, ?, ?)",
+                        (projection.mean.tobytes(), np.ascontiguousarray(projection.matrix).tobytes()),
+                    )
+                self._bump_generation()
+            self._projection = projection
+            self._index = None
+
+    def _project(self, vectors: np.ndarray) -> np.ndarray:
+        vectors = np.atleast_2d(vectors).astype(np.float32)
+        return self._projection(vectors) if self._projection is not None else vectors
+
+    def search_dim(self) -> int | None:
+        """Size of the vectors in the index: the projection's when there is one."""
+        return self._projection.dim if self._projection is not None else self.dim
+
+    def vectors(self) -> np.ndarray:
+        """Every stored vector, as given (what a projection is learned on)."""
+        with self.lock:
+            blobs = [r[0] for r in self.db.execute("SELECT vector FROM images ORDER BY id")]
+        return np.stack([np.frombuffer(b, dtype=np.float32) for b in blobs]) if blobs else np.zeros((0, self.dim or 0))
 
     # -- writes -------------------------------------------------------------------------------
     def add(self, records: list[ImageRecord], replace_products: list[str] = ()) -> None:
@@ -140,7 +180,7 @@ class LocalStore:
             if self._index is not None:
                 self._drop_from_index(replaced)
                 if self._index is not None:
-                    vectors = np.stack([r.vector for r in records]).astype(np.float32)
+                    vectors = self._project(np.stack([r.vector for r in records]))
                     self._index.add_with_ids(vectors, np.asarray(new_ids, dtype=np.int64))
 
     def remove(self, images: list[tuple[str, str]] = (), products: list[str] = ()) -> int:
@@ -249,7 +289,7 @@ class LocalStore:
             elif is_hnsw:
                 params = faiss.SearchParametersHNSW(efSearch=max(self.ef_search, k))
             k = min(k, index.ntotal)
-            scores, ids = index.search(vector.reshape(1, -1).astype(np.float32), k, params=params)
+            scores, ids = index.search(self._project(vector.reshape(1, -1)), k, params=params)
             pairs = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
             if not pairs:
                 return []
@@ -283,7 +323,7 @@ class LocalStore:
 
     def _build_index(self) -> faiss.Index:
         n = self._count_images()
-        dim = self.dim or 1
+        dim = self._projection.dim if self._projection is not None else (self.dim or 1)
         if n >= self.hnsw_threshold:
             inner = faiss.IndexHNSWFlat(dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
             inner.hnsw.efConstruction = self.ef_construction
@@ -296,10 +336,10 @@ class LocalStore:
             batch_ids.append(i)
             batch_vecs.append(np.frombuffer(blob, dtype=np.float32))
             if len(batch_ids) == 20_000:
-                index.add_with_ids(np.stack(batch_vecs), np.asarray(batch_ids, dtype=np.int64))
+                index.add_with_ids(self._project(np.stack(batch_vecs)), np.asarray(batch_ids, dtype=np.int64))
                 batch_ids, batch_vecs = [], []
         if batch_ids:
-            index.add_with_ids(np.stack(batch_vecs), np.asarray(batch_ids, dtype=np.int64))
+            index.add_with_ids(self._project(np.stack(batch_vecs)), np.asarray(batch_ids, dtype=np.int64))
         return index
 
     def flush(self) -> None:
