@@ -6,6 +6,10 @@ import csv
 import os
 import random
 import shutil
+import socket
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -83,3 +87,26 @@ def branded_catalog(tmp_path_factory, sneaker_folder) -> Path:
     with Catalog.open(root / "cat", create=True) as cat:
         assert cat.index(root / "manifest.csv").added == 18
     return root / "cat"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(proc: subprocess.Popen, url: str, log: Path, ready=lambda body: True, timeout: float = 90) -> None:
+    """Poll `url` until it answers 200 and `ready(body)`; fail with the server's log if it dies or hangs."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the server exited early:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200 and ready(r.read()):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError(f"the server did not come up:\n{log.read_text()}")

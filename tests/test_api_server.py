@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -15,17 +15,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import free_port, wait_until_up
 
 from lookalike import Catalog
 
 TOKEN = "server-token-456"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(catalog: Path, log: Path) -> tuple[subprocess.Popen, str]:
@@ -36,17 +31,8 @@ def start_server(catalog: Path, log: Path) -> tuple[subprocess.Popen, str]:
         env=env, stdout=open(log, "a"), stderr=subprocess.STDOUT,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited:\n{log.read_text()}")
-        try:
-            if httpx.get(url + "/health", timeout=2).json().get("models_loaded"):
-                return proc, url
-        except (httpx.HTTPError, ValueError):
-            time.sleep(0.2)
-    proc.kill()
-    raise AssertionError(f"server did not come up:\n{log.read_text()}")
+    wait_until_up(proc, url + "/health", log, ready=lambda body: json.loads(body).get("models_loaded"))
+    return proc, url
 
 
 @pytest.fixture()

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import dataset_path, sneakers_split
+from conftest import dataset_path, free_port, sneakers_split, wait_until_up
 
 CHROMIUM = os.environ.get("LOOKALIKE_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -28,12 +26,6 @@ CHROMIUM_ARGS = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_app(catalog: Path, log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     proc = subprocess.Popen(
@@ -41,18 +33,8 @@ def start_app(catalog: Path, log: Path) -> tuple[subprocess.Popen, str]:
         stdout=open(log, "w"), stderr=subprocess.STDOUT,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"the app exited early:\n{log.read_text()}")
-        try:
-            with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as r:
-                if r.read().strip() == b"ok":
-                    return proc, url
-        except OSError:
-            time.sleep(0.3)
-    proc.kill()
-    raise AssertionError(f"the app did not come up:\n{log.read_text()}")
+    wait_until_up(proc, url + "/_stcore/health", log, ready=lambda body: body.strip() == b"ok")
+    return proc, url
 
 
 def screenshot_search(catalog: Path, photo: Path, out: Path, log: Path, bad_upload: Path | None = None) -> list[str]:

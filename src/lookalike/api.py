@@ -29,8 +29,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lookalike.errors import LookalikeError, ModelMissingError
-from lookalike.images import Limits
-from lookalike.pipeline import Catalog
+from lookalike.pipeline import Catalog, Limits, parse_box
 
 MAX_K = 100
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
@@ -122,51 +121,39 @@ class ErrorResponse(BaseModel):
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 415, 422, 503)}
 
-SEARCH_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["image"],
-                    "properties": {
-                        "image": {"type": "string", "format": "binary"},
-                        "k": {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": 10},
-                        "box": {"type": "string", "description": "box index, 'whole', or x1,y1,x2,y2"},
-                        "where": {"type": "string", "description": "JSON object of metadata filters"},
-                    },
-                }
-            },
-            "application/json": {
-                "schema": SearchRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-            },
-        },
-    }
-}
 
-PRODUCT_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["product_id"],
-                    "properties": {
-                        "product_id": {"type": "string", "minLength": 1},
-                        "metadata": {"type": "string", "description": "JSON object"},
-                        "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                        "image_url": {"type": "array", "items": {"type": "string"}},
-                    },
-                }
-            },
-            "application/json": {
-                "schema": ProductRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-            },
+def _form_or_json(form_schema: dict, json_model: type[BaseModel]) -> dict:
+    """OpenAPI for an endpoint that takes either multipart form data or a JSON body."""
+    json_schema = json_model.model_json_schema(ref_template="#/components/schemas/{model}")
+    content = {"multipart/form-data": {"schema": {"type": "object", **form_schema}},
+               "application/json": {"schema": json_schema}}  # fmt: skip
+    return {"requestBody": {"required": True, "content": content}}
+
+
+SEARCH_BODY = _form_or_json(
+    {
+        "required": ["image"],
+        "properties": {
+            "image": {"type": "string", "format": "binary"},
+            "k": {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": 10},
+            "box": {"type": "string", "description": "box index, 'whole', or x1,y1,x2,y2"},
+            "where": {"type": "string", "description": "JSON object of metadata filters"},
         },
-    }
-}
+    },
+    SearchRequest,
+)
+PRODUCT_BODY = _form_or_json(
+    {
+        "required": ["product_id"],
+        "properties": {
+            "product_id": {"type": "string", "minLength": 1},
+            "metadata": {"type": "string", "description": "JSON object"},
+            "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
+            "image_url": {"type": "array", "items": {"type": "string"}},
+        },
+    },
+    ProductRequest,
+)
 
 
 class Stats:
@@ -281,19 +268,6 @@ def create_app(catalog_dir: str | Path, settings: ApiSettings | None = None) -> 
         if not url.lower().startswith(("http://", "https://")):
             raise HTTPException(400, f"{url[:200]!r}: only http:// and https:// URLs are accepted")
         return url
-
-    def parse_box(text: str | None) -> int | str | dict | None:
-        if text in (None, ""):
-            return None
-        if text.isdigit():
-            return int(text)
-        if text == "whole":
-            return text
-        try:
-            x1, y1, x2, y2 = (float(v) for v in text.split(","))
-        except ValueError:
-            raise HTTPException(422, f"box {text!r}: expected an index, 'whole' or x1,y1,x2,y2") from None
-        return {"x1": x1, "y1": y1, "x2": x2, "y2": y2}
 
     def parse_k(text: Any) -> int:
         try:

@@ -14,9 +14,8 @@ import sys
 import streamlit as st
 from PIL import Image, ImageDraw, ImageFont
 
-from lookalike.detect import Box
 from lookalike.errors import LookalikeError
-from lookalike.pipeline import Catalog, Query, SearchResult
+from lookalike.pipeline import Box, Catalog, Query, SearchResult
 
 AUTO, WHOLE, OWN = "Automatic (the pair / best box)", "Whole image", "My own box"
 COLUMNS = 4

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from lookalike import models
 from lookalike.errors import LookalikeError
-from lookalike.pipeline import Catalog, PipelineConfig
+from lookalike.pipeline import Catalog, PipelineConfig, parse_box
 
 
 def _where(pairs: list[str]) -> dict[str, str] | None:
@@ -21,22 +21,6 @@ def _where(pairs: list[str]) -> dict[str, str] | None:
         key, value = pair.split("=", 1)
         out[key.strip()] = value.strip()
     return out or None
-
-
-def _box(text: str | None) -> int | dict | None:
-    if text is None:
-        return None
-    if text.isdigit():
-        return int(text)
-    if text == "whole":
-        return text
-    try:
-        x1, y1, x2, y2 = (float(v) for v in text.split(","))
-    except ValueError:
-        raise LookalikeError(
-            f"--box {text!r}: expected a detected box number, whole, or x1,y1,x2,y2 in pixels"
-        ) from None
-    return {"x1": x1, "y1": y1, "x2": x2, "y2": y2, "label": "manual", "score": 1.0}
 
 
 def cmd_index(args: argparse.Namespace) -> int:
@@ -70,7 +54,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     with Catalog.open(args.catalog, threads=args.threads) as cat:
-        result = cat.search(args.image, k=args.k, where=_where(args.where), box=_box(args.box))
+        result = cat.search(args.image, k=args.k, where=_where(args.where), box=parse_box(args.box))
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0

@@ -21,9 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lookalike.detect import Box
 from lookalike.errors import LookalikeError
-from lookalike.pipeline import Encoder, PipelineConfig, Progress, learn_whitening, run_parallel, safely
+from lookalike.pipeline import Box, Encoder, PipelineConfig, Progress, learn_whitening, run_parallel, safely
 
 KS = (1, 5, 10)
 # eval-only options, applied to the ranking (query expansion)

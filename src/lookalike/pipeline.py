@@ -27,6 +27,8 @@ from lookalike.errors import BadImageError, LookalikeError
 from lookalike.images import DEFAULT_LIMITS, ImageSource, Limits, decode, describe, read_bytes
 from lookalike.store import ImageRecord, LocalStore, Store
 
+__all__ = ["Box", "Catalog", "Encoder", "Limits", "PipelineConfig", "Query", "SearchResult", "parse_box"]
+
 BATCH = 64
 Progress = Callable[[int, int | None], None]
 
@@ -533,6 +535,24 @@ class Catalog:
             "index": self.store.index_kind(),
             "config": json.loads(self.config.to_json()),
         }
+
+
+def parse_box(text: str | None) -> int | str | dict | None:
+    """A box choice as people type it: a detected box's index, "whole", or x1,y1,x2,y2 in pixels."""
+    if text is None or not text.strip():
+        return None
+    text = text.strip()
+    if text.isdigit():
+        return int(text)
+    if text == "whole":
+        return text
+    try:
+        x1, y1, x2, y2 = (float(v) for v in text.split(","))
+    except ValueError:
+        raise LookalikeError(
+            f"box {text!r}: expected a detected box's index, whole, or x1,y1,x2,y2 in pixels"
+        ) from None
+    return {"x1": x1, "y1": y1, "x2": x2, "y2": y2, "label": "manual", "score": 1.0}
 
 
 def _valid_box(box: Box, img: Image.Image) -> Box:
