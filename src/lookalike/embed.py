@@ -94,8 +94,8 @@ class Whitening:
     result is L2-normalised. It also shrinks the vectors to `dim` components."""
 
     def __init__(self, mean: np.ndarray, matrix: np.ndarray):
-        self.mean = mean.astype(np.float32)
-        self.matrix = matrix.astype(np.float32)
+        self.mean = np.ascontiguousarray(mean, dtype=np.float32)
+        self.matrix = np.ascontiguousarray(matrix, dtype=np.float32)
 
     @property
     def dim(self) -> int:

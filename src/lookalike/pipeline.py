@@ -400,6 +400,7 @@ class Catalog:
             box = out.crop.box.to_dict() if out.crop.box else None
             records.append(ImageRecord(product_id, key, sha, out.vector, out.crop.path, box, metadata or {}))
         self.store.add(records, replace_products=[product_id])
+        self.refresh_whitening()
         return self.product(product_id) or {}
 
     def _keep_upload(self, data: bytes, sha: str) -> str:
@@ -432,7 +433,10 @@ class Catalog:
 
     def remove(self, product_ids: list[str]) -> int:
         """Drop products with all their images; returns the number of images removed."""
-        return self.store.remove(products=product_ids)
+        removed = self.store.remove(products=product_ids)
+        if removed:
+            self.refresh_whitening()
+        return removed
 
     # -- search -------------------------------------------------------------------------------
     @property
