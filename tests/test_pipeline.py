@@ -195,6 +195,12 @@ def test_custom_onnx_detector_and_embedder(tmp_path):
         assert cat.info()["dim"] == 8
     with pytest.raises(LookalikeError, match="another pipeline configuration"):
         Catalog.open(tmp_path / "cat", config=PipelineConfig())
+    # the command line takes the same choices, and records them in the catalog
+    out = cli("index", str(tmp_path), "--catalog", str(tmp_path / "cat2"), "--detector", str(det), "--embedder",
+              str(emb), "--config", "pooling=avg", "--config", "crop.margin=0.2", "-q")  # fmt: skip
+    assert "5 new" in out.stdout
+    info = json.loads(cli("info", "--catalog", str(tmp_path / "cat2"), "--json").stdout)
+    assert info["config"]["pooling"] == "avg" and info["config"]["crop"]["margin"] == 0.2
 
 
 def test_missing_model_gives_one_clear_line(tmp_path, sneaker_catalog, sneaker_folder):

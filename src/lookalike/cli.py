@@ -26,9 +26,9 @@ def _where(pairs: list[str]) -> dict[str, str] | None:
 def cmd_index(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    config = None
-    if args.detector or args.embedder:
-        config = PipelineConfig(detector=args.detector, embedder=args.embedder)
+    options = dict(_where(args.config) or {})
+    options.update({k: v for k, v in (("detector", args.detector), ("embedder", args.embedder)) if v})
+    config = PipelineConfig().with_options(options) if options else None
     with Catalog.open(args.catalog, config=config, create=True, threads=args.threads) as cat:
         bar = tqdm(total=None, unit="img", disable=args.quiet or None, desc="indexing", file=sys.stderr)
 
@@ -176,6 +176,8 @@ def parser() -> argparse.ArgumentParser:
     catalog_arg(sp)
     sp.add_argument("--detector", help="detector ONNX (YOLOv8 layout); default: Open Images SSD")
     sp.add_argument("--embedder", help="embedder ONNX; default: EfficientNet-Lite0")
+    sp.add_argument("--config", action="append", metavar="KEY=VALUE",
+                    help="pipeline option for a new catalog, repeatable (as in eval), e.g. embed_size=224")  # fmt: skip
     sp.add_argument("--threads", type=int, default=2)
     sp.add_argument("--keep-missing", action="store_true", help="keep images no longer in the source")
     sp.add_argument("--json", action="store_true", help="print the report as JSON")
