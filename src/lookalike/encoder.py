@@ -105,6 +105,10 @@ class Models:
         self._embedder: Embedder | None = None
 
     @property
+    def loaded(self) -> bool:
+        return self._detector is not None and self._embedder is not None
+
+    @property
     def detector(self):
         with self._lock:
             if self._detector is None:

@@ -266,8 +266,7 @@ class Catalog:
         self.query_encoder.models.embedder  # noqa: B018
 
     def models_loaded(self) -> bool:
-        m = self._query_encoder.models if self._query_encoder else None
-        return bool(m and m._detector is not None and m._embedder is not None)
+        return self._query_encoder is not None and self._query_encoder.models.loaded
 
     def load(self, image: ImageSource | Image.Image) -> Image.Image:
         """An upright RGB image from a path, a guarded URL or bytes (or a PIL image, converted)."""
