@@ -37,13 +37,13 @@ def test_add_search_remove_persist(tmp_path):
     assert {h.product_id for h in nike} == {"p1", "p2"} and len(nike) == 8
     assert store.search(vecs[3], 5, where={"brand": "Puma"}) == []
 
-    assert store.remove(products=["p2"]) == 4
+    assert len(store.remove(products=["p2"])) == 4
     assert store.count() == (4, 16)
     assert all(h.product_id != "p2" for h in store.search(vecs[7], 20))
     # replacing an image keeps one row for it
     store.add([ImageRecord("p1", "/img/p1/1.jpg", "new", vecs[0], "whole", None, {})])
     assert store.count() == (4, 16)
-    assert store.known()[("p1", "/img/p1/1.jpg")] == "new"
+    assert store.known()[("p1", "/img/p1/1.jpg")][0] == "new"
     store.close()
 
     reopened = LocalStore(tmp_path)
@@ -116,8 +116,35 @@ def test_migrates_a_version_1_catalog(tmp_path):
     db.commit()
     db.close()
     store = LocalStore(tmp_path)
-    assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
-    assert store.count() == (1, 1) and store.search(unit(np.ones(4)), 1)[0].image == "a.jpg"
+    assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    assert store.count() == (1, 1)
+    assert store.search(unit(np.ones(4)), 1)[0].image == str(tmp_path.resolve() / "a.jpg")  # relative = in the catalog
+
+
+def test_v3_migration_makes_uploads_catalog_relative(tmp_path):
+    """Catalogs made before v3 stored uploads by the server's working directory (point 5 of issue 9):
+    after the migration they are found from anywhere, and belong to the API."""
+    from lookalike.store.local import MIGRATIONS
+
+    sha = "ab" + "0" * 62
+    db = sqlite3.connect(tmp_path / DB_NAME)
+    for v in (1, 2):
+        for stmt in MIGRATIONS[v]:
+            db.execute(stmt)
+    db.execute("INSERT INTO products VALUES ('p', '{}'), ('q', '{}')")
+    vector = unit(np.ones((1, 4)))[0].tobytes()
+    for pid, image in (("p", f"catalogs/shop/uploads/ab/{sha}"), ("q", "/data/shoes/q.jpg")):
+        db.execute("INSERT INTO images(product_id, image, sha256, vector, crop) VALUES (?, ?, 's', ?, 'whole')",
+                   (pid, image, vector))  # fmt: skip
+    db.execute("INSERT INTO meta VALUES ('dim', '4')")
+    db.execute("PRAGMA user_version=2")
+    db.commit()
+    db.close()
+    store = LocalStore(tmp_path)
+    assert store.product_images("p") == [str(tmp_path.resolve() / "uploads" / "ab" / sha)]
+    assert store.product_images("q") == ["/data/shoes/q.jpg"]
+    assert store.known()[("p", str(tmp_path.resolve() / "uploads" / "ab" / sha))][1] == "api"
+    assert store.known()[("q", "/data/shoes/q.jpg")][1] is None  # legacy: owned by whichever source lists it
 
 
 def test_learned_projection_applies_to_index_and_queries(tmp_path):

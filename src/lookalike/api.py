@@ -17,14 +17,14 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+import anyio
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
-from starlette.concurrency import run_in_threadpool
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -33,6 +33,9 @@ from lookalike.pipeline import Catalog, Limits, parse_box
 
 MAX_K = 100
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+SMALL_BODY = 64 * 1024  # JSON bodies and form fields: URLs, ids, metadata
+MAX_URL = 2048
+MAX_MESSAGE = 1000  # characters of an error message: errors never echo unbounded input
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,8 @@ class ApiSettings:
     max_images_per_product: int = 20
     threads: int = 2
     allow_private_urls: bool = False  # tests and trusted intranets only
+    max_url_fetches: int = 8  # URL fetches in flight; more are refused at once (503), never queued
+    max_searches: int = 4  # inferences at once (2 cores); more wait without holding a thread
 
     @classmethod
     def from_env(cls, token_file: str | None = None, **overrides) -> ApiSettings:
@@ -55,6 +60,19 @@ class ApiSettings:
             except OSError as e:
                 raise LookalikeError(f"{token_file}: cannot read the API token ({e.strerror})") from None
         return cls(token=token, **overrides)
+
+
+def _http_only(url: str) -> str:
+    """Only http(s): a bare string would otherwise be read as a path on the server."""
+    if not url.lower().startswith(("http://", "https://")):
+        raise ValueError("only http:// and https:// URLs are accepted")
+    return url
+
+
+URL_PATTERN = "^[Hh][Tt][Tt][Pp][Ss]?://"
+HttpUrlText = Annotated[
+    str, Field(max_length=MAX_URL, json_schema_extra={"pattern": URL_PATTERN}), AfterValidator(_http_only)
+]
 
 
 # -- schemas ----------------------------------------------------------------------------------
@@ -69,7 +87,7 @@ class BoxModel(BaseModel):
 
 class SearchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    url: str = Field(description="http(s) URL of the photo (public addresses only)")
+    url: HttpUrlText = Field(description="http(s) URL of the photo (public addresses only)")
     k: int = Field(10, ge=1, le=MAX_K)
     box: int | str | BoxModel | None = Field(
         None, description="detected box index, 'whole', or a box in pixels; default: automatic"
@@ -112,14 +130,39 @@ class ProductRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     product_id: str = Field(min_length=1, max_length=200)
     metadata: dict[str, Any] = Field(default_factory=dict)
-    image_urls: list[str] = Field(min_length=1, max_length=20)
+    image_urls: list[HttpUrlText] = Field(min_length=1, max_length=20)
 
 
 class ErrorResponse(BaseModel):
     error: str
 
 
+class HealthResponse(BaseModel):
+    status: str
+    models_loaded: bool
+    products: int
+    images: int
+
+
+class StatsResponse(BaseModel):
+    products: int
+    images: int
+    index: str
+    dim: int | None
+    searches: int
+    writes: int
+    uptime_s: float
+    search_ms_p50: float | None
+    search_ms_p95: float | None
+
+
+class DeleteResponse(BaseModel):
+    product_id: str
+    removed_images: int
+
+
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 415, 422, 503)}
+READ_ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 413, 422)}
 
 
 def _form_or_json(form_schema: dict, json_model: type[BaseModel]) -> dict:
@@ -145,11 +188,17 @@ SEARCH_BODY = _form_or_json(
 PRODUCT_BODY = _form_or_json(
     {
         "required": ["product_id"],
+        "anyOf": [{"required": ["images"]}, {"required": ["image_url"]}],  # at least one image
         "properties": {
-            "product_id": {"type": "string", "minLength": 1},
+            "product_id": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": "\\S"},
             "metadata": {"type": "string", "description": "JSON object"},
-            "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
-            "image_url": {"type": "array", "items": {"type": "string"}},
+            "images": {"type": "array", "minItems": 1, "maxItems": 20, "items": {"type": "string", "format": "binary"}},
+            "image_url": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": 20,
+                "items": {"type": "string", "maxLength": MAX_URL, "pattern": "^[Hh][Tt][Tt][Pp][Ss]?://"},
+            },
         },
     },
     ProductRequest,
@@ -177,8 +226,55 @@ class Stats:
                 "search_ms_p50": pick(0.5), "search_ms_p95": pick(0.95)}  # fmt: skip
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    if len(message) > MAX_MESSAGE:
+        message = message[: MAX_MESSAGE - 30] + f"...({len(message)} characters)"
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+class BodyTooLarge(Exception):
+    def __init__(self, limit: int):
+        super().__init__(f"request body over the {limit}-byte limit")
+
+
+class BodyLimit:
+    """Refuses a request body over its limit while it streams, before any handler, parser or token
+    check sees it: a Content-Length over the limit is answered at once, and a chunked body is cut off
+    as soon as the limit is passed. Nothing ever buffers or spools more than the limit."""
+
+    def __init__(self, app, limit_for):
+        self.app, self.limit_for = app, limit_for
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        limit = self.limit_for(scope["method"], scope["path"], headers.get(b"content-type", b"").decode("latin-1"))
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return await _error(413, str(BodyTooLarge(limit)), {"Connection": "close"})(scope, receive, send)
+        received = 0
+        started = False
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except BodyTooLarge as e:
+            if not started:  # the server closes the connection: the rest of the body is never read
+                await _error(413, str(e), {"Connection": "close"})(scope, receive, send)
 
 
 def create_app(catalog_dir: str | Path, settings: ApiSettings | None = None) -> FastAPI:
@@ -190,6 +286,11 @@ def create_app(catalog_dir: str | Path, settings: ApiSettings | None = None) -> 
     catalog = Catalog.open(catalog_dir, threads=settings.threads, limits=limits)
     stats = Stats()
     bearer = HTTPBearer(auto_error=False)
+    # Inference and URL fetches get their own capacity, so a crowd of slow sources or heavy searches
+    # never takes the thread pool that /health and the product reads run in.
+    inference = anyio.CapacityLimiter(settings.max_searches)
+    url_slots = threading.BoundedSemaphore(settings.max_url_fetches)
+    url_threads = anyio.CapacityLimiter(settings.max_url_fetches)
     app = FastAPI(
         title="lookalike",
         version="0.1.0",
@@ -209,22 +310,24 @@ def create_app(catalog_dir: str | Path, settings: ApiSettings | None = None) -> 
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        response = _error(e.status_code, str(e.detail))
+        headers = dict(e.headers or {})  # e.g. Allow on a 405, Retry-After on a 503
         if e.status_code == 401:
-            response.headers["WWW-Authenticate"] = "Bearer"
-        return response
+            headers["WWW-Authenticate"] = "Bearer"
+        return _error(e.status_code, str(e.detail), headers)
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, e: Exception) -> JSONResponse:
         return _error(500, f"internal error ({type(e).__name__})")
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        limit = settings.max_upload_bytes * settings.max_images_per_product + 64 * 1024
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            return _error(413, f"request body over the {limit}-byte limit")
-        return await call_next(request)
+    def body_limit(method: str, path: str, content_type: str) -> int:
+        is_form = content_type.split(";")[0].strip().lower() in FORM_TYPES
+        if method == "POST" and path == "/search" and is_form:
+            return settings.max_upload_bytes + SMALL_BODY
+        if method == "POST" and path == "/products" and is_form:
+            return settings.max_upload_bytes * settings.max_images_per_product + SMALL_BODY
+        return SMALL_BODY
+
+    app.add_middleware(BodyLimit, limit_for=body_limit)
 
     # -- auth ------------------------------------------------------------------------------------
     def check_token(credentials: HTTPAuthorizationCredentials | None) -> None:
@@ -237,9 +340,8 @@ def create_app(catalog_dir: str | Path, settings: ApiSettings | None = None) -> 
     def writer(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
         check_token(credentials)
 
-    def reader(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
-        if settings.protect_reads:
-            check_token(credentials)
+    # reads carry a security requirement in the OpenAPI document only when they really need the token
+    read_deps = [Depends(writer)] if settings.protect_reads else []
 
     # -- reads -----------------------------------------------------------------------------------
     async def upload_bytes(value: Any, field: str) -> bytes:
@@ -254,6 +356,8 @@ def create_app(catalog_dir: str | Path, settings: ApiSettings | None = None) -> 
         try:
             return await request.form(max_files=settings.max_images_per_product, max_fields=50,
                                       max_part_size=64 * 1024)  # fmt: skip
+        except BodyTooLarge:
+            raise
         except Exception as e:  # malformed multipart
             raise HTTPException(400, f"unreadable form data ({e})") from None
 
@@ -264,10 +368,10 @@ def create_app(catalog_dir: str | Path, settings: ApiSettings | None = None) -> 
             raise HTTPException(400, "request body is not valid JSON") from None
 
     def require_url(url: str) -> str:
-        """Only http(s): a bare string would otherwise be read as a path on the server."""
-        if not url.lower().startswith(("http://", "https://")):
-            raise HTTPException(400, f"{url[:200]!r}: only http:// and https:// URLs are accepted")
-        return url
+        try:
+            return _http_only(url)
+        except ValueError as e:
+            raise HTTPException(422, f"image_url: {e}") from None
 
     def parse_k(text: Any) -> int:
         try:
@@ -278,8 +382,18 @@ def create_app(catalog_dir: str | Path, settings: ApiSettings | None = None) -> 
             raise HTTPException(422, f"k: must be from 1 to {MAX_K} (got {k})")
         return k
 
+    async def fetch(url: str) -> bytes:
+        """A URL's bytes, in one of a bounded number of slots: when all are busy the client is told to
+        come back (503) at once, rather than queueing behind slow sources."""
+        if not url_slots.acquire(blocking=False):
+            raise HTTPException(503, "too many image URLs being fetched; retry shortly", {"Retry-After": "1"})
+        try:
+            return await anyio.to_thread.run_sync(catalog.fetch, url, limiter=url_threads)
+        finally:
+            url_slots.release()
+
     @app.post("/search", response_model=SearchResponse, responses=ERRORS, openapi_extra=SEARCH_BODY,
-              dependencies=[Depends(reader)])  # fmt: skip
+              dependencies=read_deps)  # fmt: skip
     async def search(request: Request) -> Any:
         """Search with an uploaded photo (multipart field `image`) or a photo URL (JSON `url`)."""
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -303,13 +417,13 @@ def create_app(catalog_dir: str | Path, settings: ApiSettings | None = None) -> 
                 body = SearchRequest.model_validate(await json_body(request))
             except ValueError as e:
                 raise RequestValidationError(getattr(e, "errors", lambda: [])()) from None
-            source, k, where = require_url(body.url), body.k, body.where
+            source, k, where = await fetch(body.url), body.k, body.where
             box = body.box.model_dump() if isinstance(body.box, BoxModel) else body.box
             if isinstance(box, str):
                 box = parse_box(box)
         else:
             raise HTTPException(415, "send multipart/form-data with an `image` file, or JSON with a `url`")
-        result = await run_in_threadpool(catalog.search, source, k, where, box)
+        result = await anyio.to_thread.run_sync(catalog.search, source, k, where, box, limiter=inference)
         stats.search(result.query.took_ms)
         return result.to_dict()
 
@@ -320,16 +434,17 @@ def create_app(catalog_dir: str | Path, settings: ApiSettings | None = None) -> 
         ]
         return {"product_id": pid, "metadata": product["metadata"], "images": images}
 
-    @app.get("/products/{product_id}", response_model=ProductResponse, responses=ERRORS,
-             dependencies=[Depends(reader)])  # fmt: skip
+    @app.get("/products/{product_id}", response_model=ProductResponse, responses=READ_ERRORS,
+             dependencies=read_deps)  # fmt: skip
     def get_product(product_id: str) -> Any:
         product = catalog.product(product_id)
         if product is None:
             raise HTTPException(404, f"no product {product_id!r}")
         return product_response(product)
 
-    @app.get("/products/{product_id}/image/{n}", responses={**ERRORS, 200: {"content": {"image/*": {}}}},
-             dependencies=[Depends(reader)])  # fmt: skip
+    image_responses = {**READ_ERRORS, 200: {"content": {"image/*": {}}}, 307: {"description": "the image's URL"}}
+
+    @app.get("/products/{product_id}/image/{n}", dependencies=read_deps, responses=image_responses)
     def get_product_image(product_id: str, n: int) -> Any:
         product = catalog.product(product_id)
         if product is None:
@@ -341,15 +456,15 @@ def create_app(catalog_dir: str | Path, settings: ApiSettings | None = None) -> 
             return RedirectResponse(image, status_code=307)
         if not Path(image).is_file():
             raise HTTPException(404, f"image {n} of {product_id!r} is no longer on disk")
-        return FileResponse(image)
+        return FileResponse(image, media_type=_image_type(image))
 
-    @app.get("/health")
+    @app.get("/health", response_model=HealthResponse, responses={413: {"model": ErrorResponse}})
     def health() -> dict:
         info = catalog.info()
         return {"status": "ok", "models_loaded": catalog.models_loaded(), "products": info["products"],
                 "images": info["images"]}  # fmt: skip
 
-    @app.get("/stats", dependencies=[Depends(reader)], responses=ERRORS)
+    @app.get("/stats", dependencies=read_deps, response_model=StatsResponse, responses=READ_ERRORS)
     def get_stats() -> dict:
         info = catalog.info()
         return {"products": info["products"], "images": info["images"], "index": info["index"], "dim": info["dim"],
@@ -381,19 +496,28 @@ def create_app(catalog_dir: str | Path, settings: ApiSettings | None = None) -> 
                 body = ProductRequest.model_validate(await json_body(request))
             except ValueError as e:
                 raise RequestValidationError(getattr(e, "errors", lambda: [])()) from None
-            product_id, metadata, images = body.product_id, body.metadata, [require_url(u) for u in body.image_urls]
+            product_id, metadata, images = body.product_id, body.metadata, list(body.image_urls)
         else:
             raise HTTPException(415, "send multipart/form-data or JSON")
         if not images:
             raise HTTPException(422, "a product needs at least one image (`images` uploads or `image_url`)")
         if len(images) > settings.max_images_per_product:
             raise HTTPException(422, f"at most {settings.max_images_per_product} images per product")
-        product = await run_in_threadpool(catalog.add_product, product_id.strip(), images, metadata)
+        urls = any(isinstance(i, str) for i in images)
+        if urls and not url_slots.acquire(blocking=False):
+            raise HTTPException(503, "too many image URLs being fetched; retry shortly", {"Retry-After": "1"})
+        try:
+            product = await anyio.to_thread.run_sync(catalog.add_product, product_id.strip(), images, metadata,
+                                                     limiter=inference)  # fmt: skip
+        finally:
+            if urls:
+                url_slots.release()
         with stats.lock:
             stats.writes += 1
         return product_response(product)
 
-    @app.delete("/products/{product_id}", responses=ERRORS, dependencies=[Depends(writer)])
+    @app.delete("/products/{product_id}", response_model=DeleteResponse, dependencies=[Depends(writer)],
+                responses={code: {"model": ErrorResponse} for code in (401, 403, 404, 413, 422)})  # fmt: skip
     def delete_product(product_id: str) -> dict:
         removed = catalog.remove([product_id])
         if not removed:
@@ -403,6 +527,17 @@ def create_app(catalog_dir: str | Path, settings: ApiSettings | None = None) -> 
         return {"product_id": product_id, "removed_images": removed}
 
     return app
+
+
+def _image_type(path: str) -> str:
+    """The served image's type from its first bytes (uploads have no file extension)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return Image.MIME.get(img.format or "", "application/octet-stream")
+    except OSError:
+        return "application/octet-stream"
 
 
 def serve(catalog_dir: str, host: str = "127.0.0.1", port: int = 8000, settings: ApiSettings | None = None) -> None:

@@ -4,21 +4,37 @@ Folder: a sub-folder's name is the product id (several images per product); an i
 directly in the folder is its own product, named by its file stem. Manifest: columns
 `product_id` and `image` (path, relative to the manifest, or URL); every other column is
 product metadata, kept and returned with results.
+
+Nothing here stops a run: a name that is not UTF-8, a symbolic link loop, a FIFO, a format Pillow
+cannot open, an oversize or broken manifest row each become a `SourceProblem` naming it and why.
+Rows sharing a product id are one product (see `_merge_duplicates` for the metadata rule).
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import json
+import os
+import stat
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from lookalike.errors import LookalikeError
-from lookalike.images import is_url
+from PIL import features
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+from lookalike.errors import LookalikeError
+from lookalike.images import is_url, shorten
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+if features.check("avif"):
+    IMAGE_SUFFIXES |= {".avif", ".avifs"}
+# Image formats people keep in catalogs that this Pillow cannot read: said, not silently skipped.
+UNSUPPORTED_SUFFIXES = {".heic", ".heif", ".jxl", ".svg", ".avif", ".avifs", ".dng", ".cr2", ".nef", ".arw"}
+UNSUPPORTED_SUFFIXES -= IMAGE_SUFFIXES
 MANIFEST_SUFFIXES = {".csv", ".parquet", ".jsonl", ".ndjson"}
+MAX_FIELD_CHARS = 64 * 1024  # one manifest value; larger is a broken row, not metadata
+csv.field_size_limit(16 * MAX_FIELD_CHARS)  # the csv module's own error stays a backstop
 
 
 @dataclass(frozen=True)
@@ -30,10 +46,17 @@ class Item:
 
 @dataclass(frozen=True)
 class SourceProblem:
-    """A row or file that can't become an item; reported, never fatal."""
+    """A row or file that can't become an item; reported, never fatal. A warning is not a skip:
+    the input was used, but not exactly as written (e.g. duplicate product ids merged)."""
 
     where: str
     reason: str
+    warning: bool = False
+
+
+def source_id(source: str | Path) -> str:
+    """What identifies a source in the catalog (which products it owns): its resolved path."""
+    return str(Path(source).resolve())
 
 
 def iter_source(source: str | Path) -> Iterator[Item | SourceProblem]:
@@ -41,51 +64,135 @@ def iter_source(source: str | Path) -> Iterator[Item | SourceProblem]:
     if path.is_dir():
         yield from _iter_folder(path)
     elif path.is_file() and path.suffix.lower() in MANIFEST_SUFFIXES:
-        yield from _iter_manifest(path)
+        yield from _merge_duplicates(_iter_manifest(path))
     elif path.is_file():
-        raise LookalikeError(f"{source}: not a folder nor a manifest (.csv, .parquet, .jsonl)")
+        raise LookalikeError(f"{shorten(str(source))}: not a folder nor a manifest (.csv, .parquet, .jsonl)")
     else:
-        raise LookalikeError(f"{source}: no such folder or manifest")
+        raise LookalikeError(f"{shorten(str(source))}: no such folder or manifest")
 
 
-def _iter_folder(root: Path) -> Iterator[Item]:
+def _utf8(name: str) -> bool:
+    """File names are bytes on Linux; one that is not UTF-8 cannot be stored or shown as text."""
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _iter_folder(root: Path) -> Iterator[Item | SourceProblem]:
     root = root.resolve()
-    for path in sorted(root.rglob("*")):
-        if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
+    visited: set[tuple[int, int]] = set()
+
+    def walk_error(e: OSError) -> None:
+        problems.append(SourceProblem(shorten(str(e.filename)), f"folder cannot be read ({e.strerror})"))
+
+    problems: list[SourceProblem] = []
+    for folder, dirs, files in os.walk(root, followlinks=True, onerror=walk_error):
+        yield from problems
+        problems.clear()
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in visited:  # a symbolic link back up the tree
+            yield SourceProblem(shorten(folder), "symbolic link loop: folder already visited")
+            dirs.clear()
             continue
-        if any(part.startswith(".") for part in path.relative_to(root).parts):
-            continue
-        rel = path.relative_to(root)
-        product_id = rel.parts[0] if len(rel.parts) > 1 else path.stem
-        yield Item(product_id, str(path), {})
+        visited.add((st.st_dev, st.st_ino))
+        for name in sorted(dirs):
+            if name.startswith("."):
+                dirs.remove(name)
+            elif not _utf8(name):
+                dirs.remove(name)
+                yield SourceProblem(shorten(os.path.join(folder, name)), "folder name is not valid UTF-8: rename it")
+        dirs.sort()
+        for name in sorted(files):
+            path = Path(folder, name)
+            suffix = path.suffix.lower()
+            if name.startswith(".") or (suffix not in IMAGE_SUFFIXES and suffix not in UNSUPPORTED_SUFFIXES):
+                continue
+            if not _utf8(str(path)):
+                yield SourceProblem(shorten(str(path)), "file name is not valid UTF-8: rename it")
+                continue
+            if suffix in UNSUPPORTED_SUFFIXES:
+                yield SourceProblem(str(path), f"{suffix} images cannot be read here: convert to JPEG or PNG")
+                continue
+            problem = _not_a_file(path)
+            if problem:
+                yield SourceProblem(str(path), problem)
+                continue
+            rel = path.relative_to(root)
+            product_id = rel.parts[0] if len(rel.parts) > 1 else path.stem
+            yield Item(product_id, str(path), {})
+    yield from problems
 
 
-def _rows(path: Path) -> Iterator[dict]:
+def _not_a_file(path: Path) -> str | None:
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return "symbolic link loop" if e.errno == errno.ELOOP else f"cannot be read ({e.strerror})"
+    return None if stat.S_ISREG(st.st_mode) else "not a regular file (device, FIFO or socket)"
+
+
+def _rows(path: Path) -> Iterator[tuple[str, dict]]:
+    """(where, row) pairs; a row that cannot be read is {"__error__": reason}."""
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            yield from csv.DictReader(f)
+        with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+            reader = csv.DictReader(f)
+            try:
+                reader.fieldnames  # noqa: B018 - reads the header, so line numbers start right
+            except csv.Error as e:
+                raise LookalikeError(f"{path}: unreadable CSV header ({shorten(str(e), 100)})") from None
+            line = reader.line_num
+            while True:
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    return
+                except csv.Error as e:
+                    yield f"{path}:{line + 1}", {"__error__": f"unreadable CSV row ({shorten(str(e), 100)})"}
+                else:
+                    yield f"{path}:{line + 1}", row
+                line = reader.line_num
     elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        yield from pq.read_table(path).to_pylist()
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise LookalikeError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+        for n, row in enumerate(pq.read_table(path).to_pylist(), 1):
+            yield f"{path}:row {n}", row
     else:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
             for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        row = json.loads(line)
-                    except ValueError as e:
-                        row = {"__error__": f"line {n}: invalid JSON ({e})"}
-                    yield row if isinstance(row, dict) else {"__error__": f"line {n}: not a JSON object"}
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError as e:
+                    row = {"__error__": f"invalid JSON ({shorten(str(e), 100)})"}
+                yield f"{path}:{n}", row if isinstance(row, dict) else {"__error__": "not a JSON object"}
 
 
-def _iter_manifest(path: Path) -> Iterator[Item | SourceProblem]:
+def _row_problem(row: dict) -> str | None:
+    if "__error__" in row:
+        return row["__error__"]
+    for key, value in row.items():
+        text = value if isinstance(value, str) else None
+        if text is not None and len(text) > MAX_FIELD_CHARS:
+            return f"field {shorten(str(key), 60)!r} is {len(text)} characters, over the {MAX_FIELD_CHARS} limit"
+        if (key is not None and not _utf8(str(key))) or (text is not None and not _utf8(text)):
+            return "row is not valid UTF-8"
+    if None in row:
+        return "row has more fields than the header"
+    return None
+
+
+def _iter_manifest(path: Path) -> Iterator[tuple[str, Item] | SourceProblem]:
     base = path.resolve().parent
-    for n, row in enumerate(_rows(path), 1):
-        where = f"{path}:{n}"
-        if "__error__" in row:
-            yield SourceProblem(f"{path}", row["__error__"])
+    for where, row in _rows(path):
+        problem = _row_problem(row)
+        if problem:
+            yield SourceProblem(where, problem)
             continue
         product_id, image = row.get("product_id"), row.get("image")
         if product_id in (None, "") or image in (None, ""):
@@ -95,7 +202,43 @@ def _iter_manifest(path: Path) -> Iterator[Item | SourceProblem]:
         if not is_url(image) and "://" not in image:
             image = str((base / image).resolve())
         metadata = {k: _plain(v) for k, v in row.items() if k not in ("product_id", "image") and v not in (None, "")}
-        yield Item(str(product_id), image, metadata)
+        yield where, Item(str(product_id), image, metadata)
+
+
+def _merge_duplicates(rows: Iterator[tuple[str, Item] | SourceProblem]) -> Iterator[Item | SourceProblem]:
+    """Rows sharing a product id are one product with all their images. Its metadata is the union of
+    the rows'; where rows disagree on a key, the first row's value is kept, and a warning names the
+    product, the rows and the keys. A repeated (product, image) row is used once."""
+    products: dict[str, list[tuple[str, Item]]] = {}
+    for entry in rows:
+        if isinstance(entry, SourceProblem):
+            yield entry
+        else:
+            products.setdefault(entry[1].product_id, []).append(entry)
+    for product_id, entries in products.items():
+        merged: dict = {}
+        conflicts: set[str] = set()
+        for _, item in entries:
+            for key, value in item.metadata.items():
+                if key not in merged:
+                    merged[key] = value
+                elif merged[key] != value:
+                    conflicts.add(key)
+        if len(entries) > 1:
+            places = [where.rsplit(":", 1)[-1] for where, _ in entries]
+            lines = ("lines " if all(p.isdigit() for p in places) else "") + ", ".join(places)
+            note = f"product {shorten(product_id, 100)!r} is listed {len(entries)} times ({lines}): images merged"
+            if conflicts:
+                note += f"; rows disagree on {', '.join(sorted(conflicts))}: the first row's value is kept"
+            yield SourceProblem(entries[0][0].rsplit(":", 1)[0], note, warning=True)
+        seen: set[str] = set()
+        for where, item in entries:
+            if item.image in seen:
+                yield SourceProblem(where, f"image listed twice for product {shorten(product_id, 100)!r}: used once",
+                                    warning=True)  # fmt: skip
+                continue
+            seen.add(item.image)
+            yield replace(item, metadata=merged)
 
 
 def _plain(value: object) -> object:

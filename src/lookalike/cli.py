@@ -12,6 +12,10 @@ from lookalike import models
 from lookalike.errors import LookalikeError
 from lookalike.pipeline import Catalog, PipelineConfig, parse_box
 
+EXIT_ERROR = 2  # nothing was done: the message says why
+EXIT_SKIPPED = 3  # `index` finished, but some inputs were skipped (each one named on stderr)
+PRUNE_SHOWN = 50
+
 
 def _where(pairs: list[str]) -> dict[str, str] | None:
     out = {}
@@ -36,20 +40,32 @@ def cmd_index(args: argparse.Namespace) -> int:
             bar.total = total
             bar.update(done - bar.n)
 
-        report = cat.index(args.source, progress=progress, prune=not args.keep_missing)
+        report = cat.index(args.source, progress=progress, prune=not args.keep_missing, dry_run=args.dry_run)
         bar.close()
+        for where, message in report.warnings:
+            print(f"warning {where}: {message}", file=sys.stderr)
         for where, reason in report.failed:
             print(f"skipped {where}: {reason}", file=sys.stderr)
         if args.json:
             print(json.dumps(report.to_dict(), indent=2))
+        elif args.dry_run:
+            for product_id, image in report.pruned[:PRUNE_SHOWN]:
+                print(f"would remove {product_id} {image}")
+            if len(report.pruned) > PRUNE_SHOWN:
+                print(f"... and {len(report.pruned) - PRUNE_SHOWN} more (--json lists them all)")
+            print(
+                f"dry run: would index {report.processed} image(s) ({report.added} new, {report.updated} changed), "
+                f"{report.unchanged} unchanged; would remove {report.removed} image(s) this source no longer "
+                f"lists; {len(report.failed)} would be skipped; nothing was written"
+            )
         else:
-            products, images = cat.store.count()
+            info = cat.info()
             print(
                 f"indexed {report.processed} image(s) ({report.added} new, {report.updated} changed), "
                 f"{report.unchanged} unchanged, {report.removed} removed, {len(report.failed)} skipped "
-                f"in {report.seconds:.1f} s; catalog: {products} products, {images} images"
+                f"in {report.seconds:.1f} s; catalog: {info['products']} products, {info['images']} images"
             )
-    return 0
+    return EXIT_SKIPPED if report.failed else 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -82,8 +98,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_remove(args: argparse.Namespace) -> int:
     with Catalog.open(args.catalog) as cat:
         n = cat.remove(args.product_ids)
-        products, images = cat.store.count()
-    print(f"removed {n} image(s); catalog: {products} products, {images} images")
+        info = cat.info()
+    print(f"removed {n} image(s); catalog: {info['products']} products, {info['images']} images")
     return 0 if n else 1
 
 
@@ -113,7 +129,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise LookalikeError("the API needs FastAPI and uvicorn: pip install 'lookalike[api]'") from None
     settings = ApiSettings.from_env(
         args.token_file, protect_reads=args.protect_reads, threads=args.threads,
-        max_upload_bytes=args.max_upload_mb * 1024 * 1024,
+        max_upload_bytes=args.max_upload_mb * 1024 * 1024, url_timeout_s=args.url_timeout,
+        max_url_fetches=args.max_url_fetches, allow_private_urls=args.allow_private_urls,
     )  # fmt: skip
     if settings.token is None:
         print("lookalike serve: no LOOKALIKE_API_TOKEN: write endpoints are off", file=sys.stderr)
@@ -171,7 +188,10 @@ def parser() -> argparse.ArgumentParser:
     def catalog_arg(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--catalog", required=True, help="catalog directory")
 
-    sp = sub.add_parser("index", help="index a folder of images or a manifest (incremental)")
+    sp = sub.add_parser(
+        "index", help="index a folder of images or a manifest (incremental)",
+        epilog="exit status: 0 done; 3 done, but some inputs were skipped (listed on stderr); 2 error, nothing done",
+    )  # fmt: skip
     sp.add_argument("source", help="folder (sub-folder = product) or .csv/.parquet/.jsonl manifest")
     catalog_arg(sp)
     sp.add_argument("--detector", help="detector ONNX (YOLOv8 layout); default: Open Images SSD")
@@ -179,7 +199,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--config", action="append", metavar="KEY=VALUE",
                     help="pipeline option for a new catalog, repeatable (as in eval), e.g. embed_size=224")  # fmt: skip
     sp.add_argument("--threads", type=int, default=2)
-    sp.add_argument("--keep-missing", action="store_true", help="keep images no longer in the source")
+    sp.add_argument("--keep-missing", action="store_true", help="keep images this source no longer lists")
+    sp.add_argument("--dry-run", action="store_true", help="say what would be indexed and removed; write nothing")
     sp.add_argument("--json", action="store_true", help="print the report as JSON")
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     sp.set_defaults(func=cmd_index)
@@ -218,6 +239,10 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--protect-reads", action="store_true", help="reads need the token too")
     sp.add_argument("--max-upload-mb", type=int, default=10)
     sp.add_argument("--threads", type=int, default=2, help="inference threads per request")
+    sp.add_argument("--url-timeout", type=float, default=10.0, help="seconds for a whole image URL fetch")
+    sp.add_argument("--max-url-fetches", type=int, default=8, help="URL fetches in flight; more get a 503")
+    sp.add_argument("--allow-private-urls", action="store_true",
+                    help="let URLs reach loopback/private addresses (tests and trusted intranets only)")  # fmt: skip
     sp.set_defaults(func=cmd_serve)
 
     sp = sub.add_parser("eval", help="measure retrieval quality on labelled images")
@@ -250,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except LookalikeError as e:
         print(f"lookalike: {e}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print("lookalike: interrupted; what was indexed so far is kept", file=sys.stderr)
         return 130

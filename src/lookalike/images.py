@@ -9,9 +9,13 @@ size and time limits.
 
 from __future__ import annotations
 
+import errno
 import io
 import ipaddress
+import os
 import socket
+import stat
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,10 +46,23 @@ def is_url(source: object) -> bool:
     return isinstance(source, str) and source.lower().startswith(("http://", "https://"))
 
 
+MAX_NAME = 300  # characters of an input's name shown in a message: errors never echo unbounded input
+
+
 def describe(source: ImageSource) -> str:
+    """A short printable name for an input, for messages."""
     if isinstance(source, bytes | bytearray):
         return f"<{len(source)} bytes>"
-    return str(source)
+    return shorten(str(source))
+
+
+def shorten(text: str, limit: int = MAX_NAME) -> str:
+    """`text` cut to `limit` characters, with undecodable bytes of a file name shown escaped."""
+    try:  # a file name's undecodable bytes arrive as surrogates: show them as the bytes they were
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= limit else f"{text[: limit - 20]}...({len(text)} characters)"
 
 
 def read_bytes(source: ImageSource, limits: Limits = DEFAULT_LIMITS) -> bytes:
@@ -57,21 +74,45 @@ def read_bytes(source: ImageSource, limits: Limits = DEFAULT_LIMITS) -> bytes:
     else:
         text = str(source)
         if "://" in text:
-            raise BadImageError(text, "only http:// and https:// URLs are allowed")
-        path = Path(text)
-        try:
-            size = path.stat().st_size
-            if size > limits.max_bytes:
-                raise BadImageError(text, f"file is {size} bytes, over the {limits.max_bytes}-byte limit")
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise BadImageError(text, "file not found") from None
-        except IsADirectoryError:
-            raise BadImageError(text, "is a directory, not an image file") from None
-        except PermissionError:
-            raise BadImageError(text, "permission denied") from None
+            raise BadImageError(describe(text), "only http:// and https:// URLs are allowed")
+        data = read_file(Path(text), limits.max_bytes)
     if len(data) > limits.max_bytes:
         raise BadImageError(describe(source), f"{len(data)} bytes, over the {limits.max_bytes}-byte limit")
+    return data
+
+
+def read_file(path: Path, max_bytes: int) -> bytes:
+    """A regular file's bytes, at most `max_bytes`. Opened without blocking and checked on the open
+    descriptor, so a FIFO cannot hang a run and /dev/zero cannot fill the memory."""
+    name = describe(str(path))
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise BadImageError(name, "file not found") from None
+    except IsADirectoryError:
+        raise BadImageError(name, "is a directory, not an image file") from None
+    except PermissionError:
+        raise BadImageError(name, "permission denied") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise BadImageError(name, "symbolic link loop") from None
+        raise BadImageError(name, f"cannot be opened ({e.strerror})") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise BadImageError(name, "is a directory, not an image file")
+        if not stat.S_ISREG(st.st_mode):
+            raise BadImageError(name, "not a regular file (device, FIFO or socket)")
+        if st.st_size > max_bytes:
+            raise BadImageError(name, f"file is {st.st_size} bytes, over the {max_bytes}-byte limit")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(max_bytes + 1)
+    except OSError as e:
+        raise BadImageError(name, f"cannot be read ({e.strerror})") from None
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:
+        raise BadImageError(name, f"file is over the {max_bytes}-byte limit")
     return data
 
 
@@ -122,45 +163,86 @@ def load_image(source: ImageSource, limits: Limits = DEFAULT_LIMITS) -> Image.Im
     return decode(read_bytes(source, limits), describe(source), limits)
 
 
+NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+IPV4_COMPATIBLE = ipaddress.ip_network("::/96")  # deprecated ::a.b.c.d form
+
+
+def is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether a server may fetch from this address: public unicast only. IPv6 forms that carry an
+    IPv4 address (mapped, IPv4-compatible, NAT64, 6to4, Teredo) are judged by that address, since
+    Python's `is_global` alone lets e.g. `::127.0.0.1`, `64:ff9b::7f00:1` and `2002:7f00:1::` through."""
+    if ip.is_multicast or not ip.is_global:
+        return False
+    if ip.version == 4:
+        return True
+    if ip.is_site_local:  # fec0::/10, deprecated but still routed by some stacks
+        return False
+    if ip.ipv4_mapped is not None:
+        return is_public(ip.ipv4_mapped)
+    if ip in IPV4_COMPATIBLE or any(ip in net for net in NAT64):
+        return is_public(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    if ip.sixtofour is not None:
+        return is_public(ip.sixtofour)
+    if ip.teredo is not None:
+        return all(is_public(v4) for v4 in ip.teredo)
+    return True
+
+
 def _check_address(url: str, host: str, port: int, limits: Limits) -> str:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as e:
-        raise BadImageError(url, f"host {host!r} cannot be resolved ({e})") from None
+        raise BadImageError(url, f"host {shorten(host, 100)!r} cannot be resolved ({e})") from None
     addresses = sorted({info[4][0] for info in infos})
     if not addresses:
-        raise BadImageError(url, f"host {host!r} has no address")
+        raise BadImageError(url, f"host {shorten(host, 100)!r} has no address")
     if not limits.allow_private_urls:
         for addr in addresses:
             ip = ipaddress.ip_address(addr.split("%")[0])
-            if ip.version == 6 and ip.ipv4_mapped:
-                ip = ip.ipv4_mapped
-            if not ip.is_global or ip.is_multicast:
+            if not is_public(ip):
                 raise BadImageError(
-                    url,
-                    f"refused: {host} resolves to {ip}, a non-public address (loopback/private/link-local)",
-                )
+                    url, f"refused: {shorten(host, 100)} resolves to {ip}, a non-public address"
+                    " (loopback, private, link-local, or one of those inside an IPv6 form)",
+                )  # fmt: skip
     return addresses[0]
 
 
+class _Deadline:
+    """One time budget for a whole fetch (every connect, redirect and byte), so a server that drips
+    one byte a second cannot hold a request open: socket timeouts alone restart on every byte."""
+
+    def __init__(self, url: str, seconds: float):
+        self.url, self.seconds = url, seconds
+        self.end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        left = self.end - time.monotonic()
+        if left <= 0:
+            raise BadImageError(self.url, f"download took longer than the {self.seconds:g} s limit")
+        return left
+
+
 def fetch_url(url: str, limits: Limits = DEFAULT_LIMITS) -> bytes:
-    """GET an image URL with SSRF guards, following redirects only to allowed addresses."""
+    """GET an image URL with SSRF guards, following redirects only to allowed addresses, within one
+    total deadline and the size limit."""
+    name = describe(url)
+    deadline = _Deadline(name, limits.timeout_s)
     current = url
     for _ in range(limits.max_redirects + 1):
         parts = urlsplit(current)
         scheme = parts.scheme.lower()
         if scheme not in ("http", "https"):
-            raise BadImageError(url, f"refused: scheme {scheme or '(none)'!r} is not http or https")
+            raise BadImageError(name, f"refused: scheme {shorten(scheme, 20) or '(none)'!r} is not http or https")
         host = parts.hostname
         if not host:
-            raise BadImageError(url, "URL has no host")
+            raise BadImageError(name, "URL has no host")
         try:
             port = parts.port or (443 if scheme == "https" else 80)
         except ValueError:
-            raise BadImageError(url, "URL has an invalid port") from None
-        ip = _check_address(url, host, port, limits)
-        timeout = urllib3.Timeout(connect=limits.timeout_s, read=limits.timeout_s)
-        kwargs = {"timeout": timeout, "retries": False, "maxsize": 1}
+            raise BadImageError(name, "URL has an invalid port") from None
+        ip = _check_address(name, host, port, limits)
+        left = deadline.left()
+        kwargs = {"timeout": urllib3.Timeout(connect=left, read=left), "retries": False, "maxsize": 1}
         if scheme == "https":
             pool = urllib3.HTTPSConnectionPool(
                 ip, port, server_hostname=host, assert_hostname=host, cert_reqs="CERT_REQUIRED", **kwargs
@@ -184,26 +266,43 @@ def fetch_url(url: str, limits: Limits = DEFAULT_LIMITS) -> bytes:
                     if resp.status in (301, 302, 303, 307, 308):
                         location = resp.headers.get("Location")
                         if not location:
-                            raise BadImageError(url, f"redirect ({resp.status}) without a Location")
+                            raise BadImageError(name, f"redirect ({resp.status}) without a Location")
                         current = urljoin(current, location)
                         continue
                     if resp.status != 200:
-                        raise BadImageError(url, f"HTTP {resp.status}")
+                        raise BadImageError(name, f"HTTP {resp.status}")
                     length = resp.headers.get("Content-Length")
                     if length and length.isdigit() and int(length) > limits.max_bytes:
                         raise BadImageError(
-                            url, f"download of {length} bytes is over the {limits.max_bytes}-byte limit"
+                            name, f"download of {length} bytes is over the {limits.max_bytes}-byte limit"
                         )
-                    data = resp.read(limits.max_bytes + 1)
-                    if len(data) > limits.max_bytes:
-                        raise BadImageError(url, f"download is over the {limits.max_bytes}-byte limit")
-                    return data
+                    return _read_body(resp, name, limits.max_bytes, deadline)
                 finally:
                     resp.release_conn()
         except BadImageError:
             raise
         except urllib3.exceptions.HTTPError as e:
-            raise BadImageError(url, f"unreachable ({type(e).__name__}: {e})") from None
+            if isinstance(e, urllib3.exceptions.TimeoutError | urllib3.exceptions.ReadTimeoutError):
+                deadline.left()  # says "took longer than the limit" when that is why
+            raise BadImageError(name, f"unreachable ({type(e).__name__})") from None
         except OSError as e:
-            raise BadImageError(url, f"unreachable ({e})") from None
-    raise BadImageError(url, f"more than {limits.max_redirects} redirects")
+            raise BadImageError(name, f"unreachable ({e.strerror or type(e).__name__})") from None
+    raise BadImageError(name, f"more than {limits.max_redirects} redirects")
+
+
+def _read_body(resp: urllib3.BaseHTTPResponse, name: str, max_bytes: int, deadline: _Deadline) -> bytes:
+    """Read whatever arrives, one socket read at a time, re-arming the socket's timeout with the time
+    left, so the deadline holds however slowly the bytes come."""
+    chunks, size = [], 0
+    sock = getattr(getattr(resp, "connection", None), "sock", None)
+    while True:
+        left = deadline.left()
+        if sock is not None:
+            sock.settimeout(left)
+        chunk = resp.read1(64 * 1024)
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > max_bytes:
+            raise BadImageError(name, f"download is over the {max_bytes}-byte limit")
+        chunks.append(chunk)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from collections.abc import Iterable
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lookalike.catalog import Item, SourceProblem, iter_source
+from lookalike.catalog import Item, SourceProblem, iter_source, source_id
 from lookalike.detect import Box
 from lookalike.encoder import (
     WHITEN_MIN_IMAGES,
@@ -78,11 +79,19 @@ class SearchResult:
 
 @dataclass
 class IndexReport:
+    """What an index run did (or, with dry_run, would do). `failed` inputs were skipped; `warnings`
+    were used but not exactly as written; `pruned` are the images dropped because their source no
+    longer lists them."""
+
+    source: str = ""
+    dry_run: bool = False
     added: int = 0
     updated: int = 0
     unchanged: int = 0
     removed: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[tuple[str, str]] = field(default_factory=list)
+    pruned: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     crops: dict[str, int] = field(default_factory=dict)
 
@@ -93,6 +102,8 @@ class IndexReport:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["failed"] = [{"image": w, "reason": r} for w, r in self.failed]
+        d["warnings"] = [{"where": w, "message": m} for w, m in self.warnings]
+        d["pruned"] = [{"product_id": p, "image": i} for p, i in self.pruned]
         return d
 
 
@@ -102,7 +113,7 @@ class Catalog:
     def __init__(self, directory: Path, store: Store, config: PipelineConfig, threads: int = 2,
                  limits: Limits = DEFAULT_LIMITS):  # fmt: skip
         self.store = store
-        self.directory = Path(directory)
+        self.directory = Path(directory).resolve()
         self.config = config
         self.threads = max(1, threads)
         self.limits = limits
@@ -143,52 +154,68 @@ class Catalog:
         self.close()
 
     # -- indexing -----------------------------------------------------------------------------
-    def index(self, source: str | Path | Iterable[Item], progress: Progress | None = None,
-              prune: bool = True) -> IndexReport:  # fmt: skip
-        """Bring the catalog in line with the source: new or changed images are embedded,
-        images gone from the source are dropped (prune), failures are reported and kept out."""
+    def index(self, source: str | Path | Iterable[Item], progress: Progress | None = None, prune: bool = True,
+              dry_run: bool = False, source_name: str | None = None) -> IndexReport:  # fmt: skip
+        """Bring the catalog in line with the source: new or changed images are embedded, images this
+        source added before and no longer lists are dropped (prune; products added by other sources
+        or the API are never touched), failures are reported and kept out. With dry_run nothing is
+        embedded or written: the report says what would be. `source_name` names an iterable source."""
         t0 = time.perf_counter()
-        report = IndexReport()
+        sid = source_id(source) if isinstance(source, str | Path) else (source_name or "python")
+        report = IndexReport(source=sid, dry_run=dry_run)
         items: list[Item] = []
         for entry in iter_source(source) if isinstance(source, str | Path) else source:
             if isinstance(entry, SourceProblem):
-                report.failed.append((entry.where, entry.reason))
+                (report.warnings if entry.warning else report.failed).append((entry.where, entry.reason))
             else:
-                items.append(entry)
+                items.append(Item(entry.product_id, _absolute(entry.image), entry.metadata))
         known = self.store.known()
         seen = {(it.product_id, it.image) for it in items}
-        prepare = safely(lambda item: self._prepare(item, known))
+        prepare = safely(lambda item: self._prepare(item, known, sid, embed=not dry_run))
+        claimed: list[tuple[str, str]] = []
         for batch in run_parallel(prepare, items, self.threads, progress):
             pending: list[ImageRecord] = []
             for item, outcome in batch:
+                key = (item.product_id, item.image)
                 if isinstance(outcome, ImageRecord):
                     pending.append(outcome)
-                    report.updated += (item.product_id, item.image) in known
-                    report.added += (item.product_id, item.image) not in known
+                    report.updated += key in known
+                    report.added += key not in known
                     report.crops[outcome.crop] = report.crops.get(outcome.crop, 0) + 1
                 elif outcome is None:
                     report.unchanged += 1
+                    if known[key][1] != sid:
+                        claimed.append(key)
                 else:
                     report.failed.append((item.image, outcome))
-            self.store.add(pending)
-        self._sync_metadata(items)
+            if not dry_run:
+                self.store.add([r for r in pending if r.vector is not None])
         if prune:
-            gone = [key for key in known if key not in seen]
-            report.removed = self.store.remove(images=gone) if gone else 0
-        self.refresh_whitening()
-        self.store.flush()
+            report.pruned = sorted(k for k, (_, owner) in known.items() if owner in (sid, None) and k not in seen)
+            report.removed = len(report.pruned)
+        if not dry_run:
+            if claimed:
+                self.store.claim(claimed, sid)
+            self._sync_metadata(items)
+            if report.pruned:
+                self._forget_files(self.store.remove(images=report.pruned))
+            self.refresh_whitening()
+            self.store.flush()
         report.seconds = time.perf_counter() - t0
         return report
 
-    def _prepare(self, item: Item, known: dict[tuple[str, str], str]) -> ImageRecord | None:
-        """The record to store, or None when the image is unchanged."""
+    def _prepare(self, item: Item, known: dict, source: str, embed: bool = True) -> ImageRecord | None:
+        """The record to store (without a vector when not embedding), or None when the image is unchanged."""
         data = self.encoder.read(item.image)
         sha = hashlib.sha256(data).hexdigest()
-        if known.get((item.product_id, item.image)) == sha:
+        if known.get((item.product_id, item.image), (None,))[0] == sha:
             return None
+        if not embed:
+            self.encoder.decode(data, item.image)  # a dry run still finds the images that would fail
+            return ImageRecord(item.product_id, item.image, sha, None, "dry-run", None, item.metadata, source)
         out = self.encoder.encode(self.encoder.decode(data, item.image))
         box = out.crop.box.to_dict() if out.crop.box else None
-        return ImageRecord(item.product_id, item.image, sha, out.vector, out.crop.path, box, item.metadata)
+        return ImageRecord(item.product_id, item.image, sha, out.vector, out.crop.path, box, item.metadata, source)
 
     def _sync_metadata(self, items: list[Item]) -> None:
         wanted: dict[str, dict] = {}
@@ -199,21 +226,22 @@ class Catalog:
         if changed:
             self.store.set_products(changed)
 
-    def add_product(self, product_id: str, images: list[ImageSource], metadata: dict | None = None) -> dict:
+    def add_product(self, product_id: str, images: list[ImageSource], metadata: dict | None = None,
+                    source: str = "api") -> dict:  # fmt: skip
         """Add or replace one product (its metadata and all its images) in one transaction.
         Image bytes are kept under the catalog's uploads/ folder; paths and URLs are kept as given.
         Every image must load, or nothing changes."""
         if not product_id or not images:
             raise LookalikeError("a product needs an id and at least one image")
         records = []
-        for source in images:
-            data = self.query_encoder.read(source)
+        for image in images:
+            data = self.query_encoder.read(image)
             sha = hashlib.sha256(data).hexdigest()
-            out = self.query_encoder.encode(self.query_encoder.decode(data, describe(source)))
-            key = self._keep_upload(data, sha) if isinstance(source, bytes | bytearray) else str(source)
+            out = self.query_encoder.encode(self.query_encoder.decode(data, describe(image)))
+            key = self._keep_upload(data, sha) if isinstance(image, bytes | bytearray) else _absolute(str(image))
             box = out.crop.box.to_dict() if out.crop.box else None
-            records.append(ImageRecord(product_id, key, sha, out.vector, out.crop.path, box, metadata or {}))
-        self.store.add(records, replace_products=[product_id])
+            records.append(ImageRecord(product_id, key, sha, out.vector, out.crop.path, box, metadata or {}, source))
+        self._forget_files(self.store.add(records, replace_products=[product_id]))
         self.refresh_whitening()
         return self.product(product_id) or {}
 
@@ -229,6 +257,15 @@ class Catalog:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         return str(path)
+
+    def _forget_files(self, images: list[str]) -> None:
+        """Delete stored uploads that no product has any more (they are content-addressed, so two
+        products may share one). Runs after the database commit: a crash in between leaves a stray
+        file, never a product without its image."""
+        uploads = self.directory / "uploads"
+        ours = [i for i in images if Path(i).parent.parent == uploads]
+        for path in set(ours) - self.store.images_in_use(ours):
+            Path(path).unlink(missing_ok=True)
 
     def refresh_whitening(self, force: bool = False) -> bool:
         """(Re)learn the whitening on the catalog when it is new or the catalog grew or shrank a lot.
@@ -246,11 +283,12 @@ class Catalog:
         return True
 
     def remove(self, product_ids: list[str]) -> int:
-        """Drop products with all their images; returns the number of images removed."""
+        """Drop products with all their images (and their stored uploads); returns the images removed."""
         removed = self.store.remove(products=product_ids)
         if removed:
+            self._forget_files(removed)
             self.refresh_whitening()
-        return removed
+        return len(removed)
 
     # -- search -------------------------------------------------------------------------------
     @property
@@ -267,6 +305,11 @@ class Catalog:
 
     def models_loaded(self) -> bool:
         return self._query_encoder is not None and self._query_encoder.models.loaded
+
+    def fetch(self, source: ImageSource) -> bytes:
+        """The raw bytes of a path, a guarded URL or bytes, within the catalog's limits (a server fetches
+        URLs on its own terms, then searches the bytes)."""
+        return self.query_encoder.read(source)
 
     def load(self, image: ImageSource | Image.Image) -> Image.Image:
         """An upright RGB image from a path, a guarded URL or bytes (or a PIL image, converted)."""
@@ -372,11 +415,24 @@ def parse_box(text: str | None) -> int | str | dict | None:
     return {"x1": x1, "y1": y1, "x2": x2, "y2": y2, "label": "manual", "score": 1.0}
 
 
+def _absolute(image: str) -> str:
+    """A path made absolute now, so what is stored never depends on the working directory."""
+    return image if "://" in image else str(Path(image).resolve())
+
+
+BOX_SLACK = 1.0  # pixels a drawn box may stick out of the image (rounding in a browser), then clipped
+
+
 def _valid_box(box: Box, img: Image.Image) -> Box:
-    x1, y1 = max(0.0, min(box.x1, box.x2)), max(0.0, min(box.y1, box.y2))
-    x2, y2 = min(float(img.width), max(box.x1, box.x2)), min(float(img.height), max(box.y1, box.y2))
-    if x2 - x1 < 2 or y2 - y1 < 2:
-        raise LookalikeError(
-            f"box {box.x1:g},{box.y1:g},{box.x2:g},{box.y2:g} is empty inside the {img.width}x{img.height} image"
-        )
-    return Box(x1, y1, x2, y2, box.score, box.label)
+    """A box of one's own must be finite, have x1 < x2 and y1 < y2, lie inside the image and cover at
+    least 2 x 2 pixels: anything else is a mistake to report, not a box to guess."""
+    values = (box.x1, box.y1, box.x2, box.y2)
+    text = ",".join(f"{v:g}" for v in values)
+    w, h = img.width, img.height
+    if not all(math.isfinite(v) for v in values):
+        raise LookalikeError(f"box {text}: coordinates must be finite numbers")
+    if box.x2 - box.x1 < 2 or box.y2 - box.y1 < 2:
+        raise LookalikeError(f"box {text}: needs x1 < x2 and y1 < y2 (pixels), at least 2 pixels apart")
+    if box.x1 < -BOX_SLACK or box.y1 < -BOX_SLACK or box.x2 > w + BOX_SLACK or box.y2 > h + BOX_SLACK:
+        raise LookalikeError(f"box {text}: outside the {w}x{h} image")
+    return Box(max(0.0, box.x1), max(0.0, box.y1), min(float(w), box.x2), min(float(h), box.y2), box.score, box.label)

@@ -18,10 +18,11 @@ class ImageRecord:
     product_id: str
     image: str
     sha256: str
-    vector: np.ndarray
+    vector: np.ndarray | None  # None only in a dry run's plan
     crop: str = "whole"
     box: dict | None = None
     metadata: dict = field(default_factory=dict)  # the product's
+    source: str | None = None  # what added it: a source's id (folder or manifest path) or "api"
 
 
 @dataclass(frozen=True)
@@ -38,12 +39,19 @@ class Hit:
 class Store(Protocol):
     dim: int | None
 
-    def add(self, records: list[ImageRecord], replace_products: list[str] = ()) -> None:
+    def add(self, records: list[ImageRecord], replace_products: list[str] = ()) -> list[str]:
         """Insert or replace images (by product_id + image), atomically for the batch; with
-        replace_products, those products' other images are dropped in the same transaction."""
+        replace_products, those products' other images are dropped in the same transaction
+        (returned, so files kept for them can be deleted)."""
 
-    def remove(self, images: list[tuple[str, str]] = (), products: list[str] = ()) -> int:
-        """Drop images by (product_id, image) and whole products; returns images removed."""
+    def remove(self, images: list[tuple[str, str]] = (), products: list[str] = ()) -> list[str]:
+        """Drop images by (product_id, image) and whole products; returns the images removed."""
+
+    def claim(self, images: list[tuple[str, str]], source: str) -> None:
+        """Record which source owns these images."""
+
+    def images_in_use(self, images: list[str]) -> set[str]:
+        """Those of these images some product still has."""
 
     def search(self, vector: np.ndarray, k: int, where: dict[str, str] | None = None) -> list[Hit]:
         """Top-k images by cosine similarity, optionally only of products whose metadata match."""
@@ -51,8 +59,9 @@ class Store(Protocol):
     def count(self) -> tuple[int, int]:
         """(products, images)."""
 
-    def known(self) -> dict[tuple[str, str], str]:
-        """(product_id, image) -> content sha256 of everything stored: what incremental indexing skips."""
+    def known(self) -> dict[tuple[str, str], tuple[str, str | None]]:
+        """(product_id, image) -> (content sha256, owning source) of everything stored: what incremental
+        indexing skips, and what one source may prune."""
 
     def products(self, ids: list[str]) -> dict[str, dict]:
         """Metadata of these products."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import threading
 from pathlib import Path
@@ -27,7 +28,7 @@ DB_NAME = "catalog.db"
 # Runtime's and OpenBLAS's on small machines (measured: 12.7 ms -> 2.5 ms per search of 10k
 # whitened vectors on 2 cores). Index builds use every core (see _build_index).
 faiss.omp_set_num_threads(1)
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MIGRATIONS: dict[int, list[str]] = {
     1: [
         "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -46,13 +47,21 @@ MIGRATIONS: dict[int, list[str]] = {
     ],
     # v2: a projection learned on the catalog (PCA whitening), applied to every vector in the index
     2: ["CREATE TABLE projection (id INTEGER PRIMARY KEY CHECK (id = 1), mean BLOB NOT NULL, matrix BLOB NOT NULL)"],
+    # v3: each image remembers the source that added it (a folder, a manifest, or "api"), so indexing
+    # one source prunes only its own images; files inside the catalog are stored relative to it
+    3: [
+        "ALTER TABLE images ADD COLUMN source TEXT",
+        "CREATE INDEX images_source ON images(source)",
+        lambda db: _relative_uploads(db),
+    ],
 }
+UPLOADS = "uploads"
 
 
 class LocalStore:
     def __init__(self, directory: Path | str, hnsw_threshold: int = 20_000, hnsw_m: int = 32,
                  ef_construction: int = 80, ef_search: int = 256):  # fmt: skip
-        self.directory = Path(directory)
+        self.directory = Path(directory).resolve()  # so stored paths never depend on the working directory
         self.directory.mkdir(parents=True, exist_ok=True)
         self.hnsw_threshold = hnsw_threshold
         self.hnsw_m, self.ef_construction, self.ef_search = hnsw_m, ef_construction, ef_search
@@ -62,8 +71,10 @@ class LocalStore:
                 self.directory / DB_NAME, check_same_thread=False, isolation_level=None, timeout=30
             )
             self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
+            # FULL: a write the API acknowledged survives a power loss too, not only a killed process
+            self.db.execute("PRAGMA synchronous=FULL")
             self._migrate()
+            self._data_version = self._read_data_version()
         except sqlite3.DatabaseError as e:
             raise LookalikeError(f"{self.directory / DB_NAME}: not a readable catalog database ({e})") from None
         dim = self.get_meta("dim")
@@ -80,8 +91,8 @@ class LocalStore:
             )
         for v in range(version + 1, SCHEMA_VERSION + 1):
             with self._tx():
-                for stmt in MIGRATIONS[v]:
-                    self.db.execute(stmt)
+                for step in MIGRATIONS[v]:
+                    step(self.db) if callable(step) else self.db.execute(step)
                 self.db.execute(f"PRAGMA user_version={v}")
 
     def _tx(self):
@@ -106,8 +117,58 @@ class LocalStore:
         gen = int(self.get_meta("generation") or 0) + 1
         self._set_meta("generation", str(gen))
 
+    # -- paths: files inside the catalog are stored relative to it, so it can be moved or opened from
+    # -- any working directory; everything else (source images, URLs) is stored as an absolute path
+    def _key(self, image: str) -> str:
+        if "://" in image:
+            return image
+        path = Path(image)
+        if not path.is_absolute():
+            return image
+        try:
+            return path.relative_to(self.directory).as_posix()
+        except ValueError:
+            return image
+
+    def _path(self, key: str) -> str:
+        return key if "://" in key or os.path.isabs(key) else str(self.directory / key)
+
+    # -- seeing other processes' writes ---------------------------------------------------------
+    def _read_data_version(self) -> int:
+        return self.db.execute("PRAGMA data_version").fetchone()[0]
+
+    def _catch_up(self) -> None:
+        """Bring the in-memory index in line with writes made by other processes (an `index` run
+        beside a server). SQLite's data_version changes only on other connections' commits, so
+        this costs one pragma per search when nobody else writes."""
+        version = self._read_data_version()
+        if version == self._data_version:
+            return
+        self._data_version = version
+        projection_version = self.get_meta("projection_version")
+        if projection_version != self._projection_version:
+            self._projection = self._load_projection()
+            self._index = None
+            return
+        if self._index is None:
+            return
+        with _Read(self.db):
+            in_db = np.fromiter((r[0] for r in self.db.execute("SELECT id FROM images")), dtype=np.int64)
+            in_index = faiss.vector_to_array(self._index.id_map).astype(np.int64)
+            new = np.setdiff1d(in_db, in_index, assume_unique=True)
+            gone = np.setdiff1d(in_index, in_db, assume_unique=True)
+            rows = []
+            for chunk in _chunks(new.tolist(), 500):
+                q = f"SELECT id, vector FROM images WHERE id IN ({','.join('?' * len(chunk))})"
+                rows += self.db.execute(q, chunk).fetchall()
+        self._drop_from_index(gone.tolist())
+        if rows and self._index is not None:
+            vectors = np.stack([np.frombuffer(v, dtype=np.float32) for _, v in rows])
+            self._index.add_with_ids(self._project(vectors), np.asarray([i for i, _ in rows], dtype=np.int64))
+
     # -- the learned projection ---------------------------------------------------------------
     def _load_projection(self) -> Whitening | None:
+        self._projection_version = self.get_meta("projection_version")
         row = self.db.execute("SELECT mean, matrix FROM projection WHERE id = 1").fetchone()
         if row is None:
             return None
@@ -125,6 +186,8 @@ class LocalStore:
                         (projection.mean.tobytes(), np.ascontiguousarray(projection.matrix).tobytes()),
                     )
                 self._bump_generation()
+                self._projection_version = str(int(self._projection_version or 0) + 1)
+                self._set_meta("projection_version", self._projection_version)
             self._projection = projection
             self._index = None
 
@@ -143,11 +206,12 @@ class LocalStore:
         return np.stack([np.frombuffer(b, dtype=np.float32) for b in blobs]) if blobs else np.zeros((0, self.dim or 0))
 
     # -- writes -------------------------------------------------------------------------------
-    def add(self, records: list[ImageRecord], replace_products: list[str] = ()) -> None:
+    def add(self, records: list[ImageRecord], replace_products: list[str] = ()) -> list[str]:
         """Insert or replace images; `replace_products` first drops every image of those products,
-        in the same transaction, so a reader sees the old product or the new one, never a mix."""
+        in the same transaction, so a reader sees the old product or the new one, never a mix.
+        Returns the images dropped by the replacement and not added back."""
         if not records:
-            return
+            return []
         dim = records[0].vector.shape[-1]
         with self.lock:
             if self.dim is None:
@@ -155,53 +219,79 @@ class LocalStore:
             if any(r.vector.shape != (self.dim,) for r in records):
                 raise LookalikeError(f"vector size differs from the catalog's ({self.dim})")
             replaced: list[int] = []
+            dropped: set[str] = set()
             new_ids: list[int] = []
             with self._tx():
                 if self.get_meta("dim") is None:
                     self._set_meta("dim", str(self.dim))
                 for product_id in replace_products:
-                    rows = self.db.execute("SELECT id FROM images WHERE product_id=?", (product_id,)).fetchall()
+                    rows = self.db.execute("SELECT id, image FROM images WHERE product_id=?", (product_id,)).fetchall()
                     replaced += [r[0] for r in rows]
+                    dropped |= {r[1] for r in rows}
                     self.db.execute("DELETE FROM images WHERE product_id=?", (product_id,))
                 for r in records:
+                    key = self._key(r.image)
+                    dropped.discard(key)
                     self.db.execute(
                         "INSERT INTO products(product_id, metadata) VALUES(?, ?) "
                         "ON CONFLICT(product_id) DO UPDATE SET metadata=excluded.metadata",
                         (r.product_id, json.dumps(r.metadata, sort_keys=True)),
                     )
                     old = self.db.execute(
-                        "SELECT id FROM images WHERE product_id=? AND image=?", (r.product_id, r.image)
+                        "SELECT id FROM images WHERE product_id=? AND image=?", (r.product_id, key)
                     ).fetchone()
                     if old:
                         replaced.append(old[0])
                         self.db.execute("DELETE FROM images WHERE id=?", (old[0],))
                     cur = self.db.execute(
-                        "INSERT INTO images(product_id, image, sha256, vector, crop, box) VALUES(?,?,?,?,?,?)",
-                        (r.product_id, r.image, r.sha256, r.vector.astype(np.float32).tobytes(), r.crop,
-                         json.dumps(r.box) if r.box else None),
+                        "INSERT INTO images(product_id, image, sha256, vector, crop, box, source) "
+                        "VALUES(?,?,?,?,?,?,?)",
+                        (r.product_id, key, r.sha256, r.vector.astype(np.float32).tobytes(), r.crop,
+                         json.dumps(r.box) if r.box else None, r.source),
                     )  # fmt: skip
                     new_ids.append(cur.lastrowid)
+                self._drop_empty_products()
                 self._bump_generation()
             if self._index is not None:
                 self._drop_from_index(replaced)
                 if self._index is not None:
                     vectors = self._project(np.stack([r.vector for r in records]))
                     self._index.add_with_ids(vectors, np.asarray(new_ids, dtype=np.int64))
+            return [self._path(k) for k in sorted(dropped)]
 
-    def remove(self, images: list[tuple[str, str]] = (), products: list[str] = ()) -> int:
+    def claim(self, images: list[tuple[str, str]], source: str) -> None:
+        """Record `source` as the owner of these (product_id, image) pairs, vectors untouched."""
+        with self.lock, self._tx():
+            self.db.executemany(
+                "UPDATE images SET source=? WHERE product_id=? AND image=?",
+                [(source, p, self._key(i)) for p, i in images],
+            )
+
+    def remove(self, images: list[tuple[str, str]] = (), products: list[str] = ()) -> list[str]:
+        """Drop images by (product_id, image) and whole products; returns the images removed."""
         with self.lock:
-            ids: list[int] = []
+            rows: list[tuple[int, str]] = []
             with self._tx():
                 for product_id, image in images:
-                    ids += [r[0] for r in self.db.execute(
-                        "SELECT id FROM images WHERE product_id=? AND image=?", (product_id, image))]  # fmt: skip
+                    rows += self.db.execute(
+                        "SELECT id, image FROM images WHERE product_id=? AND image=?", (product_id, self._key(image))
+                    ).fetchall()
                 for product_id in products:
-                    ids += [r[0] for r in self.db.execute("SELECT id FROM images WHERE product_id=?", (product_id,))]
-                self.db.executemany("DELETE FROM images WHERE id=?", [(i,) for i in ids])
-                self.db.execute("DELETE FROM products WHERE product_id NOT IN (SELECT DISTINCT product_id FROM images)")
+                    rows += self.db.execute("SELECT id, image FROM images WHERE product_id=?", (product_id,)).fetchall()
+                self.db.executemany("DELETE FROM images WHERE id=?", [(i,) for i, _ in rows])
+                self._drop_empty_products()
                 self._bump_generation()
-            self._drop_from_index(ids)
-            return len(ids)
+            self._drop_from_index([i for i, _ in rows])
+            return [self._path(k) for _, k in rows]
+
+    def _drop_empty_products(self) -> None:
+        self.db.execute("DELETE FROM products WHERE product_id NOT IN (SELECT DISTINCT product_id FROM images)")
+
+    def images_in_use(self, images: list[str]) -> set[str]:
+        """Those of these images that some product still has (before deleting a stored file)."""
+        with self.lock:
+            return {i for i in images if self.db.execute(
+                "SELECT 1 FROM images WHERE image=? LIMIT 1", (self._key(i),)).fetchone()}  # fmt: skip
 
     def set_products(self, metadata: dict[str, dict]) -> None:
         with self.lock, self._tx():
@@ -224,9 +314,13 @@ class LocalStore:
             products = self.db.execute("SELECT COUNT(*) FROM products").fetchone()[0]
             return products, self._count_images()
 
-    def known(self) -> dict[tuple[str, str], str]:
+    def known(self) -> dict[tuple[str, str], tuple[str, str | None]]:
+        """(product_id, image) -> (content sha256, source) of everything stored."""
         with self.lock:
-            return {(p, i): s for p, i, s in self.db.execute("SELECT product_id, image, sha256 FROM images")}
+            return {
+                (p, self._path(i)): (s, src)
+                for p, i, s, src in self.db.execute("SELECT product_id, image, sha256, source FROM images")
+            }
 
     def products(self, ids: list[str]) -> dict[str, dict]:
         out: dict[str, dict] = {}
@@ -238,9 +332,8 @@ class LocalStore:
 
     def product_images(self, product_id: str) -> list[str]:
         with self.lock:
-            return [
-                r[0] for r in self.db.execute("SELECT image FROM images WHERE product_id=? ORDER BY id", (product_id,))
-            ]
+            rows = self.db.execute("SELECT image FROM images WHERE product_id=? ORDER BY id", (product_id,))
+            return [self._path(r[0]) for r in rows]
 
     def metadata_values(self, limit: int = 50) -> dict[str, list[str]]:
         """Distinct metadata values per key (for filter menus), keys with too many values left out."""
@@ -259,7 +352,7 @@ class LocalStore:
                 "SELECT product_id, MIN(image) FROM images GROUP BY product_id ORDER BY product_id"
             ).fetchall()
         step = max(1, len(rows) // max(n, 1))
-        return [tuple(r) for r in rows[::step][:n]]
+        return [(p, self._path(i)) for p, i in rows[::step][:n]]
 
     def index_kind(self) -> str:
         return "hnsw" if self._count_images() >= self.hnsw_threshold else "exact"
@@ -278,6 +371,7 @@ class LocalStore:
 
     def search(self, vector: np.ndarray, k: int, where: dict[str, str] | None = None) -> list[Hit]:
         with self.lock:
+            self._catch_up()
             index = self._ensure_index()
             if index.ntotal == 0 or k <= 0:
                 return []
@@ -303,7 +397,7 @@ class LocalStore:
                 q = f"SELECT id, product_id, image, crop, box FROM images WHERE id IN ({','.join('?' * len(chunk))})"
                 rows.update({r[0]: r[1:] for r in self.db.execute(q, chunk)})
             return [
-                Hit(rows[i][0], rows[i][1], s, rows[i][2], json.loads(rows[i][3]) if rows[i][3] else None)
+                Hit(rows[i][0], self._path(rows[i][1]), s, rows[i][2], json.loads(rows[i][3]) if rows[i][3] else None)
                 for i, s in pairs
                 if i in rows
             ]
@@ -329,7 +423,8 @@ class LocalStore:
     def _build_index(self) -> faiss.Index:
         faiss.omp_set_num_threads(os.cpu_count() or 1)
         try:
-            return self._fill_index()
+            with _Read(self.db):  # one snapshot, even while another process writes
+                return self._fill_index()
         finally:
             faiss.omp_set_num_threads(1)
 
@@ -344,7 +439,7 @@ class LocalStore:
             inner = faiss.IndexFlatIP(dim)
         index = faiss.IndexIDMap2(inner)
         batch_ids, batch_vecs = [], []
-        for i, blob in self.db.execute("SELECT id, vector FROM images ORDER BY id"):
+        for i, blob in self.db.execute("SELECT id, vector FROM images ORDER BY id").fetchall():
             batch_ids.append(i)
             batch_vecs.append(np.frombuffer(blob, dtype=np.float32))
             if len(batch_ids) == 20_000:
@@ -372,6 +467,31 @@ class LocalStore:
     def close(self) -> None:
         with self.lock:
             self.db.close()
+
+
+class _Read:
+    """A read transaction: several SELECTs see one snapshot (WAL readers never block writers)."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def __enter__(self):
+        self.db.execute("BEGIN")
+        return self.db
+
+    def __exit__(self, *exc):
+        self.db.execute("COMMIT")
+        return False
+
+
+def _relative_uploads(db: sqlite3.Connection) -> None:
+    """v3: uploads were stored by whatever path the server was started with (absolute, or relative to
+    its working directory); store them relative to the catalog, owned by the API."""
+    rows = db.execute("SELECT id, image FROM images WHERE image LIKE '%uploads/%'").fetchall()
+    for image_id, image in rows:
+        match = re.search(r"(?:^|/)(uploads/[0-9a-f]{2}/[0-9a-f]{64})$", image)
+        if match:
+            db.execute("UPDATE images SET image=?, source='api' WHERE id=?", (match.group(1), image_id))
 
 
 class _Transaction:

@@ -1,0 +1,236 @@
+"""Issue 9 against a real `lookalike serve` on loopback: oversize and slow clients stop nothing,
+and writes by another process are served without a restart."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import free_port, wait_until_up
+
+from lookalike import Catalog
+
+TOKEN = "hardening-token"
+MB = 1024 * 1024
+
+
+def start_server(catalog: Path, log: Path, *extra: str, cwd: Path | None = None) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "LOOKALIKE_API_TOKEN": TOKEN}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lookalike.cli", "serve", "--catalog", str(catalog), "--port", str(port), *extra],
+        env=env, stdout=open(log, "a"), stderr=subprocess.STDOUT, cwd=cwd,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    wait_until_up(proc, url + "/health", log, ready=lambda body: json.loads(body).get("models_loaded"))
+    return proc, url
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def memory(pid: int) -> dict[str, int]:
+    """Resident and peak resident memory of a process, in bytes."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0]) * 1024
+    return fields
+
+
+@pytest.fixture()
+def server(tmp_path, branded_catalog):
+    catalog = tmp_path / "cat"
+    shutil.copytree(branded_catalog, catalog)
+    proc, url = start_server(catalog, tmp_path / "server.log")
+    yield proc, url, catalog
+    stop(proc)
+
+
+def push_body(url: str, head: bytes, total: int, chunked: bool) -> tuple[bytes, int]:
+    """Send a request of `total` body bytes a megabyte at a time over a raw socket (so nothing on the
+    client side buffers it), watching for the server's answer between writes. Returns the answer's
+    first bytes and how many body bytes were sent before it came."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    sock.sendall(head)
+    chunk = b"x" * MB
+    frame = b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk
+    sent, answer = 0, b""
+    try:
+        while sent < total:
+            if select.select([sock], [], [], 0.02)[0]:  # read while sending, as an HTTP client does
+                answer = sock.recv(4096)
+                break
+            sock.sendall(frame)
+            sent += len(chunk)
+        else:
+            if chunked:
+                sock.sendall(b"0\r\n\r\n")
+        if not answer and select.select([sock], [], [], 30)[0]:
+            answer = sock.recv(4096)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    finally:
+        sock.close()
+    return answer, sent
+
+
+def test_oversize_bodies_are_cut_off_while_streaming(server):
+    """Point 1: a 1 GB chunked body to /search (no token needed for search) is answered 413 as soon
+    as it passes the limit; the server's memory grows by less than 100 MB; so does a 1 GB multipart
+    upload, and a declared Content-Length over the limit is refused before any byte is read."""
+    proc, url, _ = server
+    Path(f"/proc/{proc.pid}/clear_refs").write_text("5")  # reset the peak-RSS counter
+    before = memory(proc.pid)
+    head = b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    answer, sent = push_body(url, head, 1024 * MB, chunked=True)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert sent < 64 * MB  # cut off near the 64 KB JSON limit (the rest is socket buffers)
+
+    multipart = (
+        b"POST /search HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        b"Content-Type: multipart/form-data; boundary=BOUNDARY\r\n\r\n"
+    )
+    preamble = b'--BOUNDARY\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n\r\n'
+    answer, sent = push_body(url, multipart + b"%x\r\n%s\r\n" % (len(preamble), preamble), 1024 * MB, chunked=True)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert sent < 64 * MB  # never spooled past the 10 MB upload limit
+
+    declared = (
+        b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1500000000\r\n\r\n"
+    )
+    answer, sent = push_body(url, declared, 1024 * MB, chunked=False)
+    assert answer.startswith(b"HTTP/1.1 413") and sent < 64 * MB
+
+    after = memory(proc.pid)
+    print(f"server RSS {before['VmRSS'] / MB:.0f} -> {after['VmRSS'] / MB:.0f} MB, peak {after['VmHWM'] / MB:.0f} MB")
+    assert after["VmHWM"] - before["VmRSS"] < 100 * MB
+    assert httpx.get(url + "/health", timeout=10).status_code == 200
+
+
+def test_errors_never_echo_unbounded_input(server):
+    _, url, _ = server
+    long_url = "https://shop.example/" + "a" * 5 * MB
+    r = httpx.post(url + "/search", json={"url": long_url}, timeout=30)
+    assert r.status_code == 413 and len(r.content) < 2000
+    r = httpx.post(url + "/search", json={"url": "https://shop.example/" + "a" * 30_000}, timeout=30)
+    assert r.status_code == 422 and len(r.content) < 2000
+
+
+class DripServer:
+    """An image server on loopback that answers with headers, then one byte every half second."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.stopped = threading.Event()
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self) -> None:
+        self.sock.settimeout(0.5)
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self.drip, args=(conn,), daemon=True).start()
+
+    def drip(self, conn: socket.socket) -> None:
+        try:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\n")
+            for _ in range(120):  # bounded: a minute at most
+                if self.stopped.is_set():
+                    break
+                conn.sendall(b"\xff")
+                time.sleep(0.5)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.sock.close()
+
+
+def test_slow_sources_cannot_starve_the_server(tmp_path, branded_catalog):
+    """Point 2: 45 searches whose URL drips one byte every half second. Each is cut off at the total
+    deadline (or refused at once when every fetch slot is busy), and /health and product reads keep
+    answering quickly meanwhile."""
+    catalog = tmp_path / "cat"
+    shutil.copytree(branded_catalog, catalog)
+    drip = DripServer()
+    proc, url = start_server(catalog, tmp_path / "server.log", "--allow-private-urls", "--url-timeout", "3",
+                             "--max-url-fetches", "8")  # fmt: skip
+    with Catalog.open(catalog) as cat:
+        product_id = cat.examples(1)[0][0]
+    try:
+
+        def slow_search(n: int) -> tuple[int, float, str]:
+            t0 = time.monotonic()
+            r = httpx.post(url + "/search", json={"url": f"http://127.0.0.1:{drip.port}/{n}.jpg"}, timeout=60)
+            return r.status_code, time.monotonic() - t0, r.json().get("error", "")
+
+        with ThreadPoolExecutor(45) as pool:
+            futures = [pool.submit(slow_search, n) for n in range(45)]
+            time.sleep(0.5)
+            reads = []
+            for _ in range(10):
+                t0 = time.monotonic()
+                assert httpx.get(url + "/health", timeout=5).status_code == 200
+                assert httpx.get(f"{url}/products/{product_id}", timeout=5).status_code == 200
+                reads.append(time.monotonic() - t0)
+                time.sleep(0.2)
+            outcomes = [f.result() for f in futures]
+    finally:
+        stop(proc)
+        drip.close()
+    statuses = [s for s, _, _ in outcomes]
+    assert set(statuses) <= {400, 503} and statuses.count(400) >= 8
+    assert all("longer than the 3 s limit" in e for s, _, e in outcomes if s == 400)
+    assert max(t for _, t, _ in outcomes) < 3 + 5  # the deadline holds, however slowly bytes come
+    print(f"reads under load: max {max(reads) * 1000:.0f} ms; statuses {sorted(set(statuses))}")
+    assert max(reads) < 1.0
+
+
+def test_server_sees_another_process_index_without_restart(server, tmp_path, sneaker_folder):
+    """Point 4: `lookalike index` adds a source to the catalog a server is running on; the server's
+    searches return the new products within a second, with no restart."""
+    _, url, catalog = server
+    extra = tmp_path / "extra"
+    newcomer = sorted(sneaker_folder.iterdir())[-1]
+    shutil.copytree(newcomer, extra / newcomer.name)
+    query = sorted((extra / newcomer.name).glob("*.jpg"))[0]
+    before = httpx.post(url + "/search", files={"image": ("q.jpg", query.read_bytes())}, data={"k": "1"}, timeout=30)
+    assert before.json()["results"][0]["product_id"] != newcomer.name
+    subprocess.run([sys.executable, "-m", "lookalike.cli", "index", str(extra), "--catalog", str(catalog), "-q"],
+                   check=True, capture_output=True, timeout=300)  # fmt: skip
+    t0 = time.monotonic()
+    r = httpx.post(url + "/search", files={"image": ("q.jpg", query.read_bytes())}, data={"k": "1"}, timeout=30)
+    top = r.json()["results"][0]
+    assert top["product_id"] == newcomer.name and top["score"] == pytest.approx(1.0, abs=1e-4)
+    assert time.monotonic() - t0 < 1.0
+    # and the other direction: a product the server removes is gone for the indexer's process too
+    assert httpx.delete(f"{url}/products/{newcomer.name}", headers={"Authorization": f"Bearer {TOKEN}"},
+                        timeout=10).status_code == 200  # fmt: skip
+    with Catalog.open(catalog) as cat:
+        assert cat.product(newcomer.name) is None
