@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import random
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -87,6 +89,31 @@ def branded_catalog(tmp_path_factory, sneaker_folder) -> Path:
     with Catalog.open(root / "cat", create=True) as cat:
         assert cat.index(root / "manifest.csv").added == 18
     return root / "cat"
+
+
+API_TOKEN = "server-token-456"
+
+
+def start_api_server(catalog: Path, log: Path, *extra: str, token: str = API_TOKEN) -> tuple[subprocess.Popen, str]:
+    """`lookalike serve` in another process on a loopback port, as users run it; returns (process, base URL)."""
+    port = free_port()
+    env = {**os.environ, "LOOKALIKE_API_TOKEN": token}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lookalike.cli", "serve", "--catalog", str(catalog), "--port", str(port), *extra],
+        env=env, stdout=open(log, "a"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    wait_until_up(proc, url + "/health", log, ready=lambda body: json.loads(body).get("models_loaded"))
+    return proc, url
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def free_port() -> int:

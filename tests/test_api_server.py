@@ -2,37 +2,22 @@
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import signal
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import free_port, wait_until_up
+from conftest import API_TOKEN, start_api_server
 
 from lookalike import Catalog
 
-TOKEN = "server-token-456"
+TOKEN = API_TOKEN
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def start_server(catalog: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {**os.environ, "LOOKALIKE_API_TOKEN": TOKEN}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lookalike.cli", "serve", "--catalog", str(catalog), "--port", str(port)],
-        env=env, stdout=open(log, "a"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    wait_until_up(proc, url + "/health", log, ready=lambda body: json.loads(body).get("models_loaded"))
-    return proc, url
+start_server = start_api_server
 
 
 @pytest.fixture()

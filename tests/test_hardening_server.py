@@ -3,8 +3,6 @@ and writes by another process are served without a restart."""
 
 from __future__ import annotations
 
-import json
-import os
 import select
 import shutil
 import socket
@@ -17,32 +15,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import free_port, wait_until_up
+from conftest import API_TOKEN, start_api_server, stop_server
 
 from lookalike import Catalog
 
-TOKEN = "hardening-token"
+TOKEN = API_TOKEN
 MB = 1024 * 1024
-
-
-def start_server(catalog: Path, log: Path, *extra: str, cwd: Path | None = None) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {**os.environ, "LOOKALIKE_API_TOKEN": TOKEN}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lookalike.cli", "serve", "--catalog", str(catalog), "--port", str(port), *extra],
-        env=env, stdout=open(log, "a"), stderr=subprocess.STDOUT, cwd=cwd,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    wait_until_up(proc, url + "/health", log, ready=lambda body: json.loads(body).get("models_loaded"))
-    return proc, url
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+start_server = start_api_server
+stop = stop_server
 
 
 def memory(pid: int) -> dict[str, int]:

@@ -70,6 +70,8 @@ def _http_only(url: str) -> str:
 
 
 URL_PATTERN = "^[Hh][Tt][Tt][Pp][Ss]?://"
+_NUMBER = r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*"
+BOX_PATTERN = rf"^\s*(\d+|whole|{_NUMBER},{_NUMBER},{_NUMBER},{_NUMBER})?\s*$"  # blank = automatic
 HttpUrlText = Annotated[
     str, Field(max_length=MAX_URL, json_schema_extra={"pattern": URL_PATTERN}), AfterValidator(_http_only)
 ]
@@ -179,8 +181,17 @@ SEARCH_BODY = _form_or_json(
         "properties": {
             "image": {"type": "string", "format": "binary"},
             "k": {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": 10},
-            "box": {"type": "string", "description": "box index, 'whole', or x1,y1,x2,y2"},
-            "where": {"type": "string", "description": "JSON object of metadata filters"},
+            "box": {
+                "type": "string",
+                "pattern": BOX_PATTERN,
+                "description": "box index, 'whole', x1,y1,x2,y2, or blank (automatic)",
+            },
+            # an object in a multipart body is sent as a JSON part (OpenAPI's default encoding)
+            "where": {
+                "type": "object",
+                "additionalProperties": {"type": "string"},
+                "description": 'metadata filters, e.g. {"brand": "nike"}',
+            },
         },
     },
     SearchRequest,
@@ -191,7 +202,7 @@ PRODUCT_BODY = _form_or_json(
         "anyOf": [{"required": ["images"]}, {"required": ["image_url"]}],  # at least one image
         "properties": {
             "product_id": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": "\\S"},
-            "metadata": {"type": "string", "description": "JSON object"},
+            "metadata": {"type": "object", "description": "product metadata, returned with results"},
             "images": {"type": "array", "minItems": 1, "maxItems": 20, "items": {"type": "string", "format": "binary"}},
             "image_url": {
                 "type": "array",
@@ -309,8 +320,11 @@ def create_app(catalog_dir: str | Path, settings: ApiSettings | None = None) -> 
         return _error(422, "; ".join(parts) or "invalid request")
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        headers = dict(e.headers or {})  # e.g. Allow on a 405, Retry-After on a 503
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        headers = dict(e.headers or {})  # e.g. Retry-After on a 503
+        if e.status_code == 405:  # every route on this path, not only the first one that matched
+            allowed = {m for r in app.routes if r.path_regex.match(request.url.path) for m in r.methods or ()}
+            headers["Allow"] = ", ".join(sorted(allowed))
         if e.status_code == 401:
             headers["WWW-Authenticate"] = "Bearer"
         return _error(e.status_code, str(e.detail), headers)
@@ -352,14 +366,20 @@ def create_app(catalog_dir: str | Path, settings: ApiSettings | None = None) -> 
             raise HTTPException(413, f"{field}: upload over the {settings.max_upload_bytes}-byte limit")
         return data
 
-    async def form(request: Request):
+    async def form(request: Request, single: tuple[str, ...]):
+        """The parsed form; a field meant to be given once (`single`) but sent several times is refused,
+        not silently taken from its first copy."""
         try:
-            return await request.form(max_files=settings.max_images_per_product, max_fields=50,
-                                      max_part_size=64 * 1024)  # fmt: skip
+            data = await request.form(max_files=settings.max_images_per_product, max_fields=50,
+                                      max_part_size=SMALL_BODY)  # fmt: skip
         except BodyTooLarge:
             raise
         except Exception as e:  # malformed multipart
             raise HTTPException(400, f"unreadable form data ({e})") from None
+        repeated = [name for name in single if len(data.getlist(name)) > 1]
+        if repeated:
+            raise HTTPException(422, f"{', '.join(repeated)}: given more than once")
+        return data
 
     async def json_body(request: Request) -> Any:
         try:
@@ -398,7 +418,7 @@ def create_app(catalog_dir: str | Path, settings: ApiSettings | None = None) -> 
         """Search with an uploaded photo (multipart field `image`) or a photo URL (JSON `url`)."""
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind in FORM_TYPES:
-            data = await form(request)
+            data = await form(request, ("image", "k", "box", "where"))
             image = await upload_bytes(data.get("image"), "image")
             k = parse_k(data.get("k", 10))
             box = parse_box(data.get("box") if isinstance(data.get("box"), str) else None)
@@ -477,7 +497,7 @@ def create_app(catalog_dir: str | Path, settings: ApiSettings | None = None) -> 
         """Add or replace a product: its id, metadata and images (uploads and/or URLs)."""
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind in FORM_TYPES:
-            data = await form(request)
+            data = await form(request, ("product_id", "metadata"))
             product_id = data.get("product_id")
             if not isinstance(product_id, str) or not product_id.strip() or len(product_id) > 200:
                 raise HTTPException(422, "product_id: required, 1 to 200 characters")
@@ -501,8 +521,9 @@ def create_app(catalog_dir: str | Path, settings: ApiSettings | None = None) -> 
             raise HTTPException(415, "send multipart/form-data or JSON")
         if not images:
             raise HTTPException(422, "a product needs at least one image (`images` uploads or `image_url`)")
-        if len(images) > settings.max_images_per_product:
-            raise HTTPException(422, f"at most {settings.max_images_per_product} images per product")
+        most = settings.max_images_per_product
+        if sum(isinstance(i, bytes) for i in images) > most or sum(isinstance(i, str) for i in images) > most:
+            raise HTTPException(422, f"at most {most} uploaded images and {most} image URLs per product")
         urls = any(isinstance(i, str) for i in images)
         if urls and not url_slots.acquire(blocking=False):
             raise HTTPException(503, "too many image URLs being fetched; retry shortly", {"Retry-After": "1"})

@@ -229,17 +229,19 @@ def fetch_url(url: str, limits: Limits = DEFAULT_LIMITS) -> bytes:
     deadline = _Deadline(name, limits.timeout_s)
     current = url
     for _ in range(limits.max_redirects + 1):
-        parts = urlsplit(current)
+        try:
+            parts = urlsplit(current)
+            host, port = parts.hostname, parts.port
+        except ValueError as e:  # e.g. an unbalanced "[" in the host, a port out of range
+            raise BadImageError(name, f"not a valid URL ({e})") from None
         scheme = parts.scheme.lower()
         if scheme not in ("http", "https"):
             raise BadImageError(name, f"refused: scheme {shorten(scheme, 20) or '(none)'!r} is not http or https")
-        host = parts.hostname
         if not host:
             raise BadImageError(name, "URL has no host")
-        try:
-            port = parts.port or (443 if scheme == "https" else 80)
-        except ValueError:
-            raise BadImageError(name, "URL has an invalid port") from None
+        if any(ord(c) < 33 or ord(c) == 127 for c in current):
+            raise BadImageError(name, "not a valid URL (spaces or control characters)")
+        port = port or (443 if scheme == "https" else 80)
         ip = _check_address(name, host, port, limits)
         left = deadline.left()
         kwargs = {"timeout": urllib3.Timeout(connect=left, read=left), "retries": False, "maxsize": 1}
@@ -287,6 +289,8 @@ def fetch_url(url: str, limits: Limits = DEFAULT_LIMITS) -> bytes:
             raise BadImageError(name, f"unreachable ({type(e).__name__})") from None
         except OSError as e:
             raise BadImageError(name, f"unreachable ({e.strerror or type(e).__name__})") from None
+        except ValueError as e:  # what urllib3 or http.client refuse to send
+            raise BadImageError(name, f"not a valid URL ({shorten(str(e), 100)})") from None
     raise BadImageError(name, f"more than {limits.max_redirects} redirects")
 
 

@@ -363,9 +363,10 @@ class LocalStore:
 
     def _allowed_ids(self, where: dict[str, str]) -> np.ndarray:
         clauses, params = [], []
-        for key, value in where.items():
-            clauses.append("lower(CAST(json_extract(p.metadata, ?) AS TEXT)) = lower(?)")
-            params += ['$."' + key.replace('"', "") + '"', str(value)]
+        for key, value in where.items():  # json_each: any key, with no JSON path built from user text
+            clauses.append("EXISTS (SELECT 1 FROM json_each(p.metadata) m WHERE m.key = ? "
+                           "AND lower(CAST(m.value AS TEXT)) = lower(?))")  # fmt: skip
+            params += [str(key), str(value)]
         q = "SELECT i.id FROM images i JOIN products p USING(product_id) WHERE " + " AND ".join(clauses)
         return np.fromiter((r[0] for r in self.db.execute(q, params)), dtype=np.int64)
 
