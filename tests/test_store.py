@@ -141,8 +141,8 @@ def test_v3_migration_makes_uploads_catalog_relative(tmp_path):
     db.commit()
     db.close()
     store = LocalStore(tmp_path)
-    assert store.product_images("p") == [str(tmp_path.resolve() / "uploads" / "ab" / sha)]
-    assert store.product_images("q") == ["/data/shoes/q.jpg"]
+    assert store.product("p")[1] == [str(tmp_path.resolve() / "uploads" / "ab" / sha)]
+    assert store.product("q")[1] == ["/data/shoes/q.jpg"]
     assert store.known()[("p", str(tmp_path.resolve() / "uploads" / "ab" / sha))][1] == "api"
     assert store.known()[("q", "/data/shoes/q.jpg")][1] is None  # legacy: owned by whichever source lists it
 

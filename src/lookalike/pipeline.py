@@ -371,11 +371,10 @@ class Catalog:
     # -- information --------------------------------------------------------------------------
     def product(self, product_id: str) -> dict | None:
         """A product's metadata and images, or None."""
-        images = self.store.product_images(product_id)
-        if not images:
+        found = self.store.product(product_id)
+        if found is None:
             return None
-        return {"product_id": product_id, "metadata": self.store.products([product_id]).get(product_id, {}),
-                "images": images}  # fmt: skip
+        return {"product_id": product_id, "metadata": found[0], "images": found[1]}
 
     def metadata_values(self, max_values: int = 50) -> dict[str, list[str]]:
         """Distinct metadata values per key, for filter menus (keys with too many values left out)."""

@@ -69,8 +69,8 @@ class Store(Protocol):
     def set_products(self, metadata: dict[str, dict]) -> None:
         """Replace product metadata without touching vectors."""
 
-    def product_images(self, product_id: str) -> list[str]:
-        """A product's image keys, in the order they were added."""
+    def product(self, product_id: str) -> tuple[dict, list[str]] | None:
+        """A product's metadata and images (in the order added), consistent with each other; None if absent."""
 
     def metadata_values(self, limit: int = 50) -> dict[str, list[str]]:
         """Distinct metadata values per key (filter menus)."""

@@ -330,10 +330,15 @@ class LocalStore:
                 out.update({p: json.loads(m) for p, m in self.db.execute(q, chunk)})
         return out
 
-    def product_images(self, product_id: str) -> list[str]:
-        with self.lock:
-            rows = self.db.execute("SELECT image FROM images WHERE product_id=? ORDER BY id", (product_id,))
-            return [self._path(r[0]) for r in rows]
+    def product(self, product_id: str) -> tuple[dict, list[str]] | None:
+        """A product's metadata and image keys (in the order added), read in one snapshot so a reader
+        never pairs one version's metadata with another's images."""
+        with self.lock, _Read(self.db):
+            row = self.db.execute("SELECT metadata FROM products WHERE product_id=?", (product_id,)).fetchone()
+            rows = self.db.execute("SELECT image FROM images WHERE product_id=? ORDER BY id", (product_id,)).fetchall()
+        if row is None or not rows:
+            return None
+        return json.loads(row[0]), [self._path(r[0]) for r in rows]
 
     def metadata_values(self, limit: int = 50) -> dict[str, list[str]]:
         """Distinct metadata values per key (for filter menus), keys with too many values left out."""
