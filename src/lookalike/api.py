@@ -17,7 +17,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import anyio
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -29,7 +29,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lookalike.errors import LookalikeError, ModelMissingError
-from lookalike.pipeline import Catalog, Limits, parse_box
+from lookalike.pipeline import DEFAULT_RANK, RANKS, Catalog, Limits, parse_box
 
 MAX_K = 100
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
@@ -95,6 +95,9 @@ class SearchRequest(BaseModel):
         None, description="detected box index, 'whole', or a box in pixels; default: automatic"
     )
     where: dict[str, str] | None = Field(None, description='metadata filters, e.g. {"brand": "nike"}')
+    rank: Literal[RANKS] = Field(  # type: ignore[valid-type]
+        DEFAULT_RANK, description="a product's score: its best image, or the mean of its best 2 or 3"
+    )
 
 
 class QueryModel(BaseModel):
@@ -163,6 +166,56 @@ class DeleteResponse(BaseModel):
     removed_images: int
 
 
+class TuneRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    options: dict[str, str | int | float] = Field(
+        default_factory=dict, description="tuning options, as `lookalike tune --option` (views, epochs, ...)"
+    )
+
+
+class TuneStatus(BaseModel):
+    state: Literal["idle", "running", "done", "failed"]
+    stage: str | None = None  # crops, views, training, re-embedding
+    done: int = 0
+    total: int | None = None
+    started: float | None = None
+    finished: float | None = None
+    result: dict[str, Any] | None = None
+    error: str | None = None
+
+
+class TuneJob:
+    """The catalog's one tuning job at a time, run in a background thread; searches go on meanwhile
+    with the old vectors, which are swapped for the tuned ones in one transaction at the end."""
+
+    def __init__(self, catalog: Catalog):
+        self.catalog = catalog
+        self.lock = threading.Lock()
+        self.status = TuneStatus(state="idle")
+
+    def start(self, options: dict[str, str]) -> TuneStatus:
+        with self.lock:
+            if self.status.state == "running":
+                raise HTTPException(409, "a tuning job is already running: GET /tune for its progress")
+            self.status = TuneStatus(state="running", started=time.time())
+        threading.Thread(target=self._run, args=(options,), daemon=True, name="lookalike-tune").start()
+        return self.status
+
+    def _progress(self, stage: str, done: int, total: int | None) -> None:
+        with self.lock:
+            self.status = self.status.model_copy(update={"stage": stage, "done": done, "total": total})
+
+    def _run(self, options: dict[str, str]) -> None:
+        try:
+            result = self.catalog.tune(options, progress=self._progress)
+            update = {"state": "done", "result": result}
+        except Exception as e:  # reported through GET /tune, never lost in a thread
+            message = str(e) if isinstance(e, LookalikeError) else f"internal error ({type(e).__name__}: {e})"
+            update = {"state": "failed", "error": message[:MAX_MESSAGE]}
+        with self.lock:
+            self.status = self.status.model_copy(update={**update, "finished": time.time()})
+
+
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 415, 422, 503)}
 READ_ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 413, 422)}
 
@@ -187,6 +240,7 @@ SEARCH_BODY = _form_or_json(
                 "description": "box index, 'whole', x1,y1,x2,y2, or blank (automatic)",
             },
             # an object in a multipart body is sent as a JSON part (OpenAPI's default encoding)
+            "rank": {"type": "string", "enum": list(RANKS), "default": DEFAULT_RANK},
             "where": {
                 "type": "object",
                 "additionalProperties": {"type": "string"},
@@ -418,7 +472,10 @@ def create_app(catalog_dir: str | Path, settings: ApiSettings | None = None) -> 
         """Search with an uploaded photo (multipart field `image`) or a photo URL (JSON `url`)."""
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind in FORM_TYPES:
-            data = await form(request, ("image", "k", "box", "where"))
+            data = await form(request, ("image", "k", "box", "where", "rank"))
+            rank = data.get("rank", DEFAULT_RANK)
+            if rank not in RANKS:
+                raise HTTPException(422, f"rank: expected one of {', '.join(RANKS)}")
             image = await upload_bytes(data.get("image"), "image")
             k = parse_k(data.get("k", 10))
             box = parse_box(data.get("box") if isinstance(data.get("box"), str) else None)
@@ -437,13 +494,13 @@ def create_app(catalog_dir: str | Path, settings: ApiSettings | None = None) -> 
                 body = SearchRequest.model_validate(await json_body(request))
             except ValueError as e:
                 raise RequestValidationError(getattr(e, "errors", lambda: [])()) from None
-            source, k, where = await fetch(body.url), body.k, body.where
+            source, k, where, rank = await fetch(body.url), body.k, body.where, body.rank
             box = body.box.model_dump() if isinstance(body.box, BoxModel) else body.box
             if isinstance(box, str):
                 box = parse_box(box)
         else:
             raise HTTPException(415, "send multipart/form-data with an `image` file, or JSON with a `url`")
-        result = await anyio.to_thread.run_sync(catalog.search, source, k, where, box, limiter=inference)
+        result = await anyio.to_thread.run_sync(catalog.search, source, k, where, box, rank, limiter=inference)
         stats.search(result.query.took_ms)
         return result.to_dict()
 
@@ -536,6 +593,24 @@ def create_app(catalog_dir: str | Path, settings: ApiSettings | None = None) -> 
         with stats.lock:
             stats.writes += 1
         return product_response(product)
+
+    tuning = TuneJob(catalog)
+
+    @app.post("/tune", status_code=202, response_model=TuneStatus, dependencies=[Depends(writer)],
+              responses={code: {"model": ErrorResponse} for code in (400, 401, 403, 409, 413, 422)})  # fmt: skip
+    def start_tuning(body: TuneRequest) -> Any:
+        """Adapt the embedder to this catalog's products (needs lookalike[tune] on the server), then
+        re-embed the catalog; poll GET /tune for progress."""
+        from lookalike.tune import options_from_text
+
+        options = {k: str(v) for k, v in body.options.items()}
+        options_from_text(options)  # a bad option is a 400 now, not a failed job later
+        return tuning.start(options)
+
+    @app.get("/tune", response_model=TuneStatus, dependencies=read_deps, responses=READ_ERRORS)
+    def tuning_status() -> Any:
+        """The tuning job's state, stage and progress, and its result when done."""
+        return tuning.status
 
     @app.delete("/products/{product_id}", response_model=DeleteResponse, dependencies=[Depends(writer)],
                 responses={code: {"model": ErrorResponse} for code in (401, 403, 404, 413, 422)})  # fmt: skip

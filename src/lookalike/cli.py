@@ -10,7 +10,7 @@ from pathlib import Path
 
 from lookalike import models
 from lookalike.errors import LookalikeError
-from lookalike.pipeline import Catalog, PipelineConfig, parse_box
+from lookalike.pipeline import DEFAULT_RANK, RANKS, Catalog, PipelineConfig, parse_box
 
 EXIT_ERROR = 2  # nothing was done: the message says why
 EXIT_SKIPPED = 3  # `index` finished, but some inputs were skipped (each one named on stderr)
@@ -27,21 +27,41 @@ def _where(pairs: list[str]) -> dict[str, str] | None:
     return out or None
 
 
-def cmd_index(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+class Bars:
+    """Progress bars with an ETA on stderr, one per stage of a long job: the one progress adapter."""
 
+    def __init__(self, quiet: bool = False):
+        self.quiet, self.bar, self.stage = quiet, None, None
+
+    def __call__(self, stage: str, done: int, total: int | None) -> None:
+        from tqdm import tqdm
+
+        if stage != self.stage:
+            self.close()
+            self.stage = stage
+            self.bar = tqdm(total=total, desc=stage, unit="step" if stage == "training" else "img",
+                            disable=self.quiet or None, file=sys.stderr)  # fmt: skip
+        self.bar.total = total
+        self.bar.update(done - self.bar.n)
+
+    def stage_of(self, stage: str):
+        return lambda done, total: self(stage, done, total)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def cmd_index(args: argparse.Namespace) -> int:
     options = dict(_where(args.config) or {})
     options.update({k: v for k, v in (("detector", args.detector), ("embedder", args.embedder)) if v})
     config = PipelineConfig().with_options(options) if options else None
     with Catalog.open(args.catalog, config=config, create=True, threads=args.threads) as cat:
-        bar = tqdm(total=None, unit="img", disable=args.quiet or None, desc="indexing", file=sys.stderr)
-
-        def progress(done: int, total: int | None) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
-
-        report = cat.index(args.source, progress=progress, prune=not args.keep_missing, dry_run=args.dry_run)
-        bar.close()
+        bars = Bars(args.quiet)
+        report = cat.index(args.source, progress=bars.stage_of("indexing"), prune=not args.keep_missing,
+                           dry_run=args.dry_run)  # fmt: skip
+        bars.close()
         for where, message in report.warnings:
             print(f"warning {where}: {message}", file=sys.stderr)
         for where, reason in report.failed:
@@ -70,7 +90,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     with Catalog.open(args.catalog, threads=args.threads) as cat:
-        result = cat.search(args.image, k=args.k, where=_where(args.where), box=parse_box(args.box))
+        result = cat.search(args.image, k=args.k, where=_where(args.where), box=parse_box(args.box), rank=args.rank)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
@@ -138,25 +158,53 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+def cmd_tune(args: argparse.Namespace) -> int:
+    options = dict(_where(args.option) or {})
+    if args.backgrounds:
+        options["backgrounds"] = args.backgrounds
+    with Catalog.open(args.catalog, threads=args.threads) as cat:
+        bars = Bars(args.quiet)
+        report = cat.tune(options, progress=bars)
+        bars.close()
+        info = cat.info()
+    print(
+        f"tuned on {report['images']} photos of {report['products']} products in "
+        f"{(report['seconds_views'] + report['seconds_training']) / 60:.1f} min (training accuracy "
+        f"{report['train_accuracy']:.2f}); re-embedded {info['images']} images with {report['model']}"
+    )
+    return 0
 
+
+def cmd_reindex(args: argparse.Namespace) -> int:
+    with Catalog.open(args.catalog, threads=args.threads, check_models=False) as cat:
+        bars = Bars(args.quiet)
+        n = cat.reindex(progress=bars)
+        bars.close()
+    print(f"re-embedded {n} image(s) with the current model files")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
     from lookalike.eval import evaluate, format_table
 
     labels = Path(args.labels)
+    root = Path(args.root) if args.root else labels.parent
     options = dict(_where(args.config) or {})
-    bar = tqdm(total=None, unit="img", disable=args.quiet or None, desc="embedding", file=sys.stderr)
+    cache = Path(args.cache) if args.cache else None
+    bars = Bars(args.quiet)
+    if args.tune or args.tune_on:
+        from lookalike.eval import tune_on_rows
 
-    def progress(done: int, total: int | None) -> None:
-        bar.total = total
-        bar.update(done - bar.n)
-
+        # closed set: the gallery rows (the shop's catalog; queries are never seen); open set: other rows
+        rows = args.tune_on or args.gallery
+        model, _ = tune_on_rows(labels, root, args.label, rows, dict(_where(args.tune_option) or {}), options,
+                                args.threads, bars, args.image_column, cache)  # fmt: skip
+        options = {"whiten": "0", **options, "embedder": str(model)}
     result = evaluate(
-        labels, Path(args.root) if args.root else labels.parent, args.label, args.query, args.gallery,
-        options, threads=args.threads, cache_path=Path(args.cache) if args.cache else None, progress=progress,
-        image_column=args.image_column,
+        labels, root, args.label, args.query, args.gallery, options, threads=args.threads, cache_path=cache,
+        progress=bars.stage_of("embedding"), image_column=args.image_column,
     )  # fmt: skip
-    bar.close()
+    bars.close()
     for where, reason in result.failed:
         print(f"skipped {where}: {reason}", file=sys.stderr)
     print(format_table(result))
@@ -210,6 +258,12 @@ def parser() -> argparse.ArgumentParser:
     catalog_arg(sp)
     sp.add_argument("-k", type=int, default=10)
     sp.add_argument("--where", action="append", metavar="KEY=VALUE", help="metadata filter, repeatable")
+    sp.add_argument(
+        "--rank",
+        default=DEFAULT_RANK,
+        choices=RANKS,
+        help="a product's score: its best image, or the mean of its best 2 or 3",
+    )
     sp.add_argument("--box", help="detected box number (0 = first) to search with, whole, or x1,y1,x2,y2 in pixels")
     sp.add_argument("--threads", type=int, default=2)
     sp.add_argument("--json", action="store_true")
@@ -245,6 +299,22 @@ def parser() -> argparse.ArgumentParser:
                     help="let URLs reach loopback/private addresses (tests and trusted intranets only)")  # fmt: skip
     sp.set_defaults(func=cmd_serve)
 
+    sp = sub.add_parser("tune", help="adapt the embedder to the catalog's products (needs lookalike[tune])")
+    catalog_arg(sp)
+    sp.add_argument("--option", action="append", metavar="KEY=VALUE",
+                    help="tuning option, repeatable: views, epochs, tail_from, dim, margin, scale, lr, batch, "
+                    "original_weight, size, seed")  # fmt: skip
+    sp.add_argument("--backgrounds", help="folder of photos (floors, streets) to paste shoes onto; default: synthetic")
+    sp.add_argument("--threads", type=int, default=2)
+    sp.add_argument("-q", "--quiet", action="store_true")
+    sp.set_defaults(func=cmd_tune)
+
+    sp = sub.add_parser("reindex", help="re-embed every image with the current model files")
+    catalog_arg(sp)
+    sp.add_argument("--threads", type=int, default=2)
+    sp.add_argument("-q", "--quiet", action="store_true")
+    sp.set_defaults(func=cmd_reindex)
+
     sp = sub.add_parser("eval", help="measure retrieval quality on labelled images")
     sp.add_argument("labels", help="CSV with a column of image paths (--image-column) and label columns")
     sp.add_argument("--root", help="folder the image paths are relative to (default: the CSV's folder)")
@@ -255,6 +325,17 @@ def parser() -> argparse.ArgumentParser:
                     help="pipeline option, repeatable: pooling=gem, flip=true, crop.strategy=whole, "
                     "crop.margin=0.1, whiten=256, qe=2 ...")  # fmt: skip
     sp.add_argument("--image-column", default="file")
+    sp.add_argument(
+        "--tune",
+        action="store_true",
+        help="tune the embedder on the gallery rows first (closed set: queries are never seen)",
+    )
+    sp.add_argument(
+        "--tune-on",
+        metavar="SELECTION",
+        help="tune on these rows instead (open set), e.g. half=1 with --query/--gallery on half=2",
+    )
+    sp.add_argument("--tune-option", action="append", metavar="KEY=VALUE", help="tuning option, as in `tune`")
     sp.add_argument("--json", metavar="OUT", help="also write the metrics as JSON")
     sp.add_argument("--cache", help="embedding cache file (default ~/.cache/lookalike/eval.db)")
     sp.add_argument("--threads", type=int, default=2)

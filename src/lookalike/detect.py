@@ -15,11 +15,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from PIL import Image
 
 from lookalike.errors import LookalikeError
 from lookalike.models import onnx_metadata
+from lookalike.onnx import session
 
 SHOE_CLASS = re.compile(r"footwear|boot|high heel|sandal|shoe|sneaker|slipper", re.IGNORECASE)
 
@@ -49,20 +49,6 @@ class Box:
             float(d["x1"]), float(d["y1"]), float(d["x2"]), float(d["y2"]),
             float(d.get("score", 1.0)), str(d.get("label", "manual")),
         )  # fmt: skip
-
-
-def session(path: Path | str, threads: int = 1) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # Detector and embedder run one after the other: a pool left spinning steals the other's cores
-    # (measured: 38 ms -> 16 ms for the two on 2 cores).
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime raises its own untyped errors
-        raise LookalikeError(f"{path}: not a loadable ONNX model ({e})") from None
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> list[int]:

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lookalike.detect import session
 from lookalike.errors import LookalikeError
 from lookalike.models import onnx_metadata
+from lookalike.onnx import session
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)

@@ -36,7 +36,9 @@ class PipelineConfig:
     pooling: str = "gem"  # avg | gem, for feature-map outputs
     gem_p: float = 3.0
     flip: bool = False  # average the crop's vector with its mirror image's
-    whiten: int = 1024  # PCA whitening to this many dimensions, learned on the catalog; 0 = off
+    # PCA whitening to this many dimensions, learned on the catalog; 0 = off. Off by default: it gains
+    # 4.6 points of R@1 on suite 2 but costs 4.5 on suite 5 (products it never saw) (BENCHMARKS.md)
+    whiten: int = 0
     whiten_power: float = 0.5  # 1 = full whitening, 0.5 = shrunk (divide by sqrt(std))
     crop: CropConfig = field(default_factory=CropConfig)
 
@@ -178,14 +180,32 @@ class Encoder:
     def detect(self, img: Image.Image) -> list[Box]:
         return self.models.detector(img)
 
+    def model_files(self) -> dict[str, Path]:
+        return {"detector": Path(self.config.detector or models.resolve(models.DETECTOR)),
+                "embedder": Path(self.config.embedder or models.resolve(models.EMBEDDER))}  # fmt: skip
+
+    def model_shas(self) -> dict[str, str]:
+        """Content hash of each model file the vectors come from (what a catalog records)."""
+        out = {}
+        for name, path in self.model_files().items():
+            try:
+                out[name] = models.sha256_file(path)
+            except OSError as e:
+                raise LookalikeError(f"{path}: the {name} model cannot be read ({e.strerror})") from None
+        return out
+
     def fingerprints(self) -> tuple[str, str]:
         """(vectors, boxes): identify what this encoder's outputs depend on, model files included,
         so caches of them stay right when a model file changes."""
-        detector = self.config.detector or models.resolve(models.DETECTOR)
-        embedder = self.config.embedder or models.resolve(models.EMBEDDER)
-        det_sha, emb_sha = models.sha256_file(Path(detector)), models.sha256_file(Path(embedder))
+        shas = self.model_shas()
+        det_sha, emb_sha = shas["detector"], shas["embedder"]
         vectors = hashlib.sha256(f"{self.config.embedding_key()}|{emb_sha}|{det_sha}".encode()).hexdigest()[:20]
         return vectors, det_sha[:20]
+
+    def crop(self, img: Image.Image) -> Crop:
+        """The crop this configuration embeds for an image (what tuning learns from)."""
+        boxes = self.detect(img) if self.uses_boxes else []
+        return choose_crop(img, boxes, self.config.crop)
 
     def encode(self, img: Image.Image, boxes: list[Box] | None = None, box: Box | None = None,
                whole: bool = False) -> Processed:  # fmt: skip

@@ -23,10 +23,13 @@ import numpy as np
 
 from lookalike.errors import LookalikeError
 from lookalike.pipeline import Box, Encoder, PipelineConfig, Progress, learn_whitening, run_parallel, safely
+from lookalike.ranking import rank_labels
 
 KS = (1, 5, 10)
 # eval-only options, applied to the ranking (query expansion)
-POST_OPTIONS = {"qe": 0, "qe_alpha": 3.0}
+POST_OPTIONS = {"qe": 0, "qe_alpha": 3.0, "rank": "image"}
+# rank: "image" scores each gallery image (a hit when an image of the label is in the top k); "best",
+# "mean2", "mean3" rank labels (products) by their images' scores, as search ranks products
 
 
 # -- selecting rows ---------------------------------------------------------------------------
@@ -221,9 +224,52 @@ def evaluate(labels: Path, root: Path, label: str, query: str | None = None, gal
         qv = query_expansion(qv, gv, sim, int(post["qe"]), float(post["qe_alpha"]))
         sim = qv @ gv.T
         sim[qi[:, None] == gi[None, :]] = -np.inf
-    metrics = retrieval_metrics(sim, [rows[i][label] for i in qi], [rows[i][label] for i in gi])
+    q_labels, g_labels = [rows[i][label] for i in qi], [rows[i][label] for i in gi]
+    if post["rank"] != "image":
+        sim, g_labels = rank_labels(sim, g_labels, str(post["rank"]))
+    metrics = retrieval_metrics(sim, q_labels, g_labels)
     metrics["gallery"] = int(len(gi))
     return EvalResult(metrics, {**json.loads(config.to_json()), **post}, failed)
+
+
+def tune_on_rows(labels: Path, root: Path, label: str, rows_selection: str | None, tune_options: dict[str, str],
+                 options: dict[str, str] | None = None, threads: int = 2, progress=None,
+                 image_column: str = "file", cache_path: Path | None = None) -> tuple[Path, dict]:  # fmt: skip
+    """Tune an embedder on the selected rows only (what a shop's catalog would hold), with `label` as
+    the product id. The model is cached under the eval cache's folder, keyed by the rows' image
+    contents, labels and all options, so comparing configurations tunes once."""
+    from dataclasses import asdict
+
+    from lookalike.tune import options_from_text, tune_model
+
+    rows = [r for r in read_labels(labels, root, label, image_column) if r[label] != ""]
+    if rows_selection:
+        rows = [r for r in rows if parse_where(rows_selection)(r)]
+    config = PipelineConfig().with_options(split_options(options or {})[0])
+    tune = options_from_text(tune_options, size=config.embed_size or 288)
+    encoder = Encoder(config, threads=1)
+    key = hashlib.sha256(json.dumps([asdict(tune), encoder.fingerprints(), config.to_json()]).encode())
+    for row in rows:  # what the model depends on: the photos' contents and labels, the options, the models
+        try:
+            key.update(f"{hashlib.sha256(encoder.read(row['__path__'])).hexdigest()}|{row[label]}|".encode())
+        except LookalikeError:
+            key.update(f"unreadable {row['__path__']}|".encode())
+    path = (cache_path or default_cache()).parent / "tuned" / f"tuned-{key.hexdigest()[:16]}.onnx"
+    if path.exists():
+        return path, {"cached": True}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    crops, names, failed = [], [], []
+    crop = safely(lambda r: encoder.crop(encoder.decode(encoder.read(r["__path__"]), r["__path__"])))
+    stage = (lambda done, total: progress("crops", done, total)) if progress else None
+    for batch in run_parallel(crop, rows, threads, stage):
+        for row, out in batch:
+            if isinstance(out, str):
+                failed.append((row["__path__"], out))
+            else:
+                crops.append(out.image)
+                names.append(row[label])
+    report = tune_model(crops, names, path, tune, progress, threads)
+    return path, {**asdict(report), "failed": len(failed)}
 
 
 def format_table(result: EvalResult) -> str:

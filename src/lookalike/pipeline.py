@@ -10,8 +10,8 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,11 +32,21 @@ from lookalike.encoder import (
 )
 from lookalike.errors import LookalikeError
 from lookalike.images import DEFAULT_LIMITS, ImageSource, Limits, describe
+from lookalike.ranking import RANKS, check_rank, product_score
 from lookalike.store import ImageRecord, LocalStore, Store
 
+DEFAULT_RANK = "best"  # chosen on the benchmark suites (BENCHMARKS.md)
+StageProgress = Callable[[str, int, "int | None"], None]  # (stage, done, total): long jobs with several stages
+
+
+def _stage(progress: StageProgress | None, name: str) -> Progress | None:
+    return (lambda done, total: progress(name, done, total)) if progress else None
+
+
 __all__ = [
-    "Box", "Catalog", "Encoder", "IndexReport", "Limits", "Match", "PipelineConfig", "Progress", "Query",
-    "QueryInfo", "SearchResult", "learn_whitening", "parse_box", "run_parallel", "safely",
+    "DEFAULT_RANK", "Box", "Catalog", "Encoder", "IndexReport", "Limits", "Match", "PipelineConfig", "Progress",
+    "Query", "QueryInfo", "RANKS", "SearchResult", "StageProgress", "learn_whitening", "parse_box", "run_parallel",
+    "safely",
 ]  # fmt: skip
 
 
@@ -114,16 +124,41 @@ class Catalog:
                  limits: Limits = DEFAULT_LIMITS):  # fmt: skip
         self.store = store
         self.directory = Path(directory).resolve()
-        self.config = config
         self.threads = max(1, threads)
         self.limits = limits
-        self.encoder = Encoder(config, threads=1, limits=limits)  # one per indexing thread's image
+        self._use(config)
+
+    def _use(self, config: PipelineConfig) -> None:
+        """Run with this configuration (as recorded: model paths inside the catalog are relative)."""
+        self.config = config
+        self.runtime_config = self._runtime(config)
+        self.encoder = Encoder(self.runtime_config, threads=1, limits=self.limits)  # one per indexing thread's image
         self._query_encoder: Encoder | None = None
+
+    def _runtime(self, config: PipelineConfig) -> PipelineConfig:
+        return replace(
+            config,
+            **{
+                k: str(self.directory / v)
+                for k in ("detector", "embedder")
+                if (v := getattr(config, k)) and not os.path.isabs(v)
+            },  # fmt: skip
+        )
+
+    def _follow(self) -> None:
+        """Switch to the configuration recorded in the catalog if another process (or a tuning job)
+        changed it, e.g. after `lookalike tune`: its vectors and its models go together."""
+        recorded = self.store.get_meta("config")
+        if recorded and recorded != self.config.to_json():
+            self._use(PipelineConfig.from_json(recorded))
 
     @classmethod
     def open(cls, directory: str | Path, config: PipelineConfig | None = None, create: bool = False,
-             threads: int = 2, limits: Limits = DEFAULT_LIMITS, **store_options) -> Catalog:  # fmt: skip
-        """Open a catalog; with create=True make it if absent. Its recorded config wins over `config`."""
+             threads: int = 2, limits: Limits = DEFAULT_LIMITS, check_models: bool = True,
+             **store_options) -> Catalog:  # fmt: skip
+        """Open a catalog; with create=True make it if absent. Its recorded config wins over `config`.
+        A catalog whose vectors came from other model files than those it would load is refused
+        (check_models=False opens it anyway, to rebuild them: `reindex`)."""
         directory = Path(directory)
         if not create and not (directory / "catalog.db").exists():
             raise LookalikeError(
@@ -142,7 +177,30 @@ class Catalog:
         else:
             config = config or PipelineConfig()
             store.set_meta("config", config.to_json())
-        return cls(directory, store, config, threads=threads, limits=limits)
+        catalog = cls(directory, store, config, threads=threads, limits=limits)
+        if check_models:
+            catalog._check_models()
+        return catalog
+
+    def _check_models(self) -> None:
+        """Vectors of two models are never mixed: the catalog records a content hash of each model file
+        its vectors came from, and refuses to run with files that differ."""
+        recorded = json.loads(self.store.get_meta("models") or "{}")
+        if not recorded:
+            return
+        current = self.encoder.model_shas()
+        for name, sha in recorded.items():
+            if current.get(name) != sha:
+                path = self.encoder.model_files()[name]
+                raise LookalikeError(
+                    f"{self.directory}: its vectors came from a {name} model with sha256 {sha[:12]}, but {path} "
+                    f"is now {current.get(name, '?')[:12]}; rebuild the vectors with "
+                    f"`lookalike reindex --catalog {self.directory}` (or restore that model file)"
+                )
+
+    def _record_models(self) -> None:
+        if self.store.get_meta("models") is None and self.store.count()[1]:
+            self.store.set_meta("models", json.dumps(self.encoder.model_shas(), sort_keys=True))
 
     def close(self) -> None:
         self.store.close()
@@ -194,6 +252,7 @@ class Catalog:
             report.pruned = sorted(k for k, (_, owner) in known.items() if owner in (sid, None) and k not in seen)
             report.removed = len(report.pruned)
         if not dry_run:
+            self._record_models()
             if claimed:
                 self.store.claim(claimed, sid)
             self._sync_metadata(items)
@@ -242,6 +301,7 @@ class Catalog:
             box = out.crop.box.to_dict() if out.crop.box else None
             records.append(ImageRecord(product_id, key, sha, out.vector, out.crop.path, box, metadata or {}, source))
         self._forget_files(self.store.add(records, replace_products=[product_id]))
+        self._record_models()
         self.refresh_whitening()
         return self.product(product_id) or {}
 
@@ -266,6 +326,75 @@ class Catalog:
         ours = [i for i in images if Path(i).parent.parent == uploads]
         for path in set(ours) - self.store.images_in_use(ours):
             Path(path).unlink(missing_ok=True)
+
+    # -- tuning and rebuilding vectors ---------------------------------------------------------
+    def tune(self, options: dict[str, str] | None = None, progress: StageProgress | None = None) -> dict:
+        """Adapt the embedder to this catalog (its photos, product ids as labels; see `tune.py`), save
+        the tuned model inside the catalog and re-embed every image with it. The old vectors stay
+        until the new ones are complete: stopping half-way (Ctrl-C) leaves the catalog as it was."""
+        from lookalike.tune import options_from_text, tune_model
+
+        tune_options = options_from_text(options or {}, size=self.encoder.models.embedder.size)
+        keys = sorted(self.store.known())
+        if len({p for p, _ in keys}) < 2:
+            raise LookalikeError(f"{self.directory}: tuning needs a catalog with at least 2 products")
+        crop = safely(lambda key: self.encoder.crop(self.encoder.decode(self.encoder.read(key[1]), key[1])))
+        crops, labels = [], []
+        for batch in run_parallel(crop, keys, self.threads, _stage(progress, "crops")):
+            for (product_id, _), out in batch:
+                if not isinstance(out, str):
+                    crops.append(out.image)
+                    labels.append(product_id)
+        folder = self.directory / "models"
+        folder.mkdir(exist_ok=True)
+        tmp = folder / f".tuning-{os.getpid()}.onnx"
+        try:
+            report = tune_model(crops, labels, tmp, tune_options, progress, self.threads)
+            from lookalike.models import sha256_file
+
+            final = folder / f"tuned-{sha256_file(tmp)[:16]}.onnx"
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+        config = replace(self.config, embedder=final.relative_to(self.directory).as_posix(),
+                         embed_size=tune_options.size, whiten=0)  # fmt: skip
+        try:
+            self._rebuild_vectors(config, progress)
+        except BaseException:
+            final.unlink(missing_ok=True)
+            raise
+        return {**asdict(report), "model": str(final)}
+
+    def reindex(self, progress: StageProgress | None = None) -> int:
+        """Re-embed every image with the model files the configuration names now (after a model file
+        changed: the catalog refuses to mix vectors of two models). Returns the images re-embedded."""
+        return self._rebuild_vectors(self.config, progress)
+
+    def _rebuild_vectors(self, config: PipelineConfig, progress: StageProgress | None) -> int:
+        """Embed every image with `config` beside the live vectors, then swap them all in one transaction;
+        the catalog uses the new models only from then on."""
+        keys = sorted(self.store.known())
+        encoder = Encoder(self._runtime(config), threads=1, limits=self.limits)
+
+        def embed(key):
+            out = encoder.encode(encoder.decode(encoder.read(key[1]), key[1]))
+            return out.vector, out.crop.path, out.crop.box.to_dict() if out.crop.box else None
+
+        vectors, failed = {}, []
+        for batch in run_parallel(safely(embed), keys, self.threads, _stage(progress, "re-embedding")):
+            for key, out in batch:
+                (failed.append(key) if isinstance(out, str) else vectors.__setitem__(key, out))
+        if failed:
+            raise LookalikeError(
+                f"{len(failed)} catalog image(s) can no longer be read (e.g. {failed[0][1]}): "
+                "index the source again (it drops them) before rebuilding the vectors"
+            )
+        meta = {"config": config.to_json(), "models": json.dumps(encoder.model_shas(), sort_keys=True),
+                "whitening_fitted_on": "0"}  # fmt: skip
+        self.store.replace_vectors(vectors, meta)
+        self._use(config)
+        self.refresh_whitening(force=True)
+        return len(vectors)
 
     def refresh_whitening(self, force: bool = False) -> bool:
         """(Re)learn the whitening on the catalog when it is new or the catalog grew or shrank a lot.
@@ -295,7 +424,7 @@ class Catalog:
     def query_encoder(self) -> Encoder:
         """Query-time models use every thread for one image, sharing nothing with indexing."""
         if self._query_encoder is None:
-            self._query_encoder = Encoder(self.config, threads=self.threads, limits=self.limits)
+            self._query_encoder = Encoder(self.runtime_config, threads=self.threads, limits=self.limits)
         return self._query_encoder
 
     def warm_up(self) -> None:
@@ -325,10 +454,12 @@ class Catalog:
         return Query(img, self.query_encoder.detect(img))
 
     def search(self, image: ImageSource | Image.Image | Query, k: int = 10, where: dict[str, str] | None = None,
-               box: int | str | Box | dict | None = None) -> SearchResult:  # fmt: skip
+               box: int | str | Box | dict | None = None, rank: str = DEFAULT_RANK) -> SearchResult:  # fmt: skip
         """Top-k products for a photo. `box`: None (automatic), the index of a detected box,
-        "whole" for the whole image, or a box of one's own (pixels)."""
+        "whole" for the whole image, or a box of one's own (pixels). `rank`: how a product's images'
+        scores make its score (`ranking.RANKS`)."""
         t0 = time.perf_counter()
+        self._follow()
         query = self.detect(image)
         img, boxes = query.image, query.boxes
         chosen: Box | None = None
@@ -343,7 +474,7 @@ class Catalog:
         elif isinstance(box, dict | Box):
             chosen = _valid_box(Box.from_dict(box) if isinstance(box, dict) else box, img)
         out = self.query_encoder.encode(img, box=chosen, boxes=boxes, whole=box == "whole")
-        matches = self.search_vector(out.vector, k, where)
+        matches = self.search_vector(out.vector, k, where, rank)
         info = QueryInfo(boxes, out.crop.box, out.crop.path, (time.perf_counter() - t0) * 1000)
         return SearchResult(info, matches)
 
@@ -351,22 +482,26 @@ class Catalog:
         """The vector a photo is searched with (automatic crop)."""
         return self.query_encoder.encode(self.load(image)).vector
 
-    def search_vector(self, vector: np.ndarray, k: int = 10, where: dict[str, str] | None = None) -> list[Match]:
-        """Products ranked by their best image's similarity."""
+    def search_vector(self, vector: np.ndarray, k: int = 10, where: dict[str, str] | None = None,
+                      rank: str = DEFAULT_RANK) -> list[Match]:  # fmt: skip
+        """Products ranked by a score over their images (`ranking.py`: the best image, or the mean of
+        the top n); each match shows its best image."""
         if k < 1:
             raise LookalikeError(f"k must be at least 1 (got {k})")
+        check_rank(rank)
         n = max(4 * k, 32)
         while True:
             hits = self.store.search(vector, n, where)
-            best: dict[str, object] = {}
+            groups: dict[str, list] = {}
             for h in hits:
-                best.setdefault(h.product_id, h)
-            if len(best) >= k or len(hits) < n:
+                groups.setdefault(h.product_id, []).append(h)
+            if len(groups) >= k or len(hits) < n:
                 break
             n *= 4
-        top = list(best.values())[:k]
-        metadata = self.store.products([h.product_id for h in top])
-        return [Match(h.product_id, h.score, h.image, metadata.get(h.product_id, {})) for h in top]
+        scored = sorted(((product_score([h.score for h in g], rank), g[0]) for g in groups.values()),
+                        key=lambda pair: -pair[0])[:k]  # fmt: skip
+        metadata = self.store.products([h.product_id for _, h in scored])
+        return [Match(h.product_id, score, h.image, metadata.get(h.product_id, {})) for score, h in scored]
 
     # -- information --------------------------------------------------------------------------
     def product(self, product_id: str) -> dict | None:

@@ -259,6 +259,31 @@ class LocalStore:
                     self._index.add_with_ids(vectors, np.asarray(new_ids, dtype=np.int64))
             return [self._path(k) for k in sorted(dropped)]
 
+    def replace_vectors(self, vectors: dict[tuple[str, str], tuple[np.ndarray, str, dict | None]],
+                        meta: dict[str, str]) -> None:  # fmt: skip
+        """Swap every image's vector (and crop) and the given meta in one transaction, e.g. after tuning:
+        readers see all old vectors or all new ones. Refused if the catalog's images changed meanwhile."""
+        with self.lock:
+            with self._tx():
+                now = {(p, self._path(i)) for p, i in self.db.execute("SELECT product_id, image FROM images")}
+                if now != set(vectors):
+                    raise LookalikeError("the catalog changed while its vectors were being rebuilt: run it again")
+                self.db.executemany(
+                    "UPDATE images SET vector=?, crop=?, box=? WHERE product_id=? AND image=?",
+                    [(v.astype(np.float32).tobytes(), crop, json.dumps(box) if box else None, p, self._key(i))
+                     for (p, i), (v, crop, box) in vectors.items()],
+                )  # fmt: skip
+                dim = next(iter(vectors.values()))[0].shape[-1] if vectors else self.dim
+                for key, value in {**meta, "dim": str(dim)}.items():
+                    self._set_meta(key, value)
+                self.db.execute("DELETE FROM projection")
+                self._projection_version = str(int(self._projection_version or 0) + 1)
+                self._set_meta("projection_version", self._projection_version)
+                self._bump_generation()
+            self.dim = dim
+            self._projection = None
+            self._index = None
+
     def claim(self, images: list[tuple[str, str]], source: str) -> None:
         """Record `source` as the owner of these (product_id, image) pairs, vectors untouched."""
         with self.lock, self._tx():
@@ -393,8 +418,11 @@ class LocalStore:
                     else faiss.SearchParameters(sel=sel)  # fmt: skip
             elif is_hnsw:
                 params = faiss.SearchParametersHNSW(efSearch=max(self.ef_search, k))
+            query = self._project(vector.reshape(1, -1))
+            if query.shape[1] != index.d:
+                raise LookalikeError("the catalog's vectors were rebuilt (tuned) during this search: search again")
             k = min(k, index.ntotal)
-            scores, ids = index.search(self._project(vector.reshape(1, -1)), k, params=params)
+            scores, ids = index.search(query, k, params=params)
             pairs = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
             if not pairs:
                 return []

@@ -1,0 +1,60 @@
+"""The benchmark suites, defined once for the benchmark scripts.
+
+1-4 as in the shared datasets' README. 5: sneakers50 split by product (sorted ids: the first 25 vs the
+last 25); anything learned (tuning) comes from the first half's catalog shots, and shopper photos of
+the second half are searched against the second half's catalog shots, products tuning never saw.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATASETS = Path(os.environ.get("LOOKALIKE_DATASETS", ROOT.parent / "shared" / "datasets")).resolve()
+OUT = ROOT / "benchmarks" / "out"
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    labels: Path
+    root: Path
+    label: str
+    query: str | None
+    gallery: str | None
+    tune_on: str | None  # the rows a shop's catalog would hold, to learn from (closed or open set)
+
+
+def sneakers50_halves() -> Path:
+    """sneakers50's labels with absolute paths and a `half` column (1: first 25 products by id)."""
+    with open(DATASETS / "sneakers50" / "labels.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    products = sorted({r["product"] for r in rows})
+    first = set(products[: len(products) // 2])
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / "sneakers50_halves.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*rows[0], "half"])
+        writer.writeheader()
+        for r in rows:
+            half = 1 if r["product"] in first else 2
+            writer.writerow({**r, "file": str(DATASETS / "sneakers50" / r["file"]), "half": half})
+    return path
+
+
+def suites() -> dict[str, Suite]:
+    s50 = DATASETS / "sneakers50"
+    return {
+        "1": Suite("1. sneakers50 shopper→catalog", s50 / "labels.csv", s50, "product", "scene=wild",
+                   "scene=catalog", "scene=catalog"),
+        "2": Suite("2. sneakers50 leave-one-out", s50 / "labels.csv", s50, "product", None, None, None),
+        "3": Suite("3. mrstepup multi-view", DATASETS / "mrstepup_multiview" / "labels.csv",
+                   DATASETS / "mrstepup_multiview", "product", "product!=", None, None),
+        "4": Suite("4. fashion footwear type", DATASETS / "fashion_product_footwear" / "labels.csv",
+                   DATASETS / "fashion_product_footwear", "articleType", None, None, None),
+        "5": Suite("5. sneakers50 unseen products (shopper→catalog, 25 of 50)", sneakers50_halves(), Path("/"),
+                   "product", "scene=wild&half=2", "scene=catalog&half=2", "scene=catalog&half=1"),
+    }  # fmt: skip

@@ -1,0 +1,126 @@
+"""Tuning a catalog end to end (real photos, real torch training, the tuned model served by ONNX
+Runtime), stopping it half-way, and model fingerprints."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from onnx_builders import conv_embedder
+
+from lookalike import Catalog
+from lookalike.catalog import Item
+from lookalike.errors import LookalikeError
+
+pytest.importorskip("torch")
+TINY = {"views": "4", "epochs": "10", "tail_from": "14", "batch": "16", "dim": "64", "lr": "0.003"}
+
+
+def separation(cat: Catalog) -> float:
+    """Mean cosine between photos of the same product minus mean cosine between different products."""
+    keys = sorted(cat.store.known())
+    vectors = np.stack([cat.embed(image) for _, image in keys])
+    sim = vectors @ vectors.T
+    same = np.array([[a[0] == b[0] for b in keys] for a in keys])
+    off = ~np.eye(len(keys), dtype=bool)
+    return float(sim[same & off].mean() - sim[~same].mean())
+
+
+@pytest.fixture()
+def tiny_catalog(tmp_path, sneaker_folder) -> Path:
+    items = [
+        Item(p.name, str(img)) for p in sorted(sneaker_folder.iterdir())[:4] for img in sorted(p.glob("*.jpg"))[:4]
+    ]
+    with Catalog.open(tmp_path / "cat", create=True) as cat:
+        cat.index(items, source_name="test")
+    return tmp_path / "cat"
+
+
+def test_tuning_separates_the_catalogs_products_better(tiny_catalog):
+    with Catalog.open(tiny_catalog) as cat:
+        before = separation(cat)
+        report = cat.tune(TINY)
+        after = separation(cat)
+        info = cat.info()
+    print(f"separation {before:.3f} -> {after:.3f}; {report['seconds_training']:.1f} s training")
+    assert after > before + 0.05
+    model = Path(report["model"])
+    assert model.parent == tiny_catalog.resolve() / "models" and model.is_file()
+    assert info["config"]["embedder"] == f"models/{model.name}"  # stored relative to the catalog
+    assert info["dim"] == 64 + 1280  # tuned part + the untuned vector kept beside it
+    moved = tiny_catalog.parent / "moved"
+    shutil.move(tiny_catalog, moved)  # the tuned model travels with the catalog
+    with Catalog.open(moved) as cat:
+        image = sorted(cat.store.known())[0]
+        top = cat.search(image[1], k=1).results[0]
+        assert top.product_id == image[0] and top.score == pytest.approx(1.0, abs=1e-4)
+
+
+def test_stopping_tuning_half_way_leaves_the_catalog_as_it_was(tiny_catalog):
+    with Catalog.open(tiny_catalog) as cat:
+        config, vectors = cat.info()["config"], cat.store.vectors().copy()
+
+        def interrupt(stage: str, done: int, total: int | None) -> None:
+            if stage == "re-embedding":
+                raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            cat.tune(TINY, progress=interrupt)
+        assert cat.info()["config"] == config
+    with Catalog.open(tiny_catalog) as cat:
+        assert cat.info()["config"] == config and np.array_equal(cat.store.vectors(), vectors)
+    assert not list((tiny_catalog / "models").glob("*.onnx"))  # the unfinished model is not left behind
+
+
+def test_a_changed_model_file_is_refused_until_reindexed(tmp_path, sneaker_folder):
+    embedder = conv_embedder(tmp_path / "emb.onnx", pooled=False, seed=1)
+    items = [Item(p.name, str(next(p.glob("*.jpg")))) for p in sorted(sneaker_folder.iterdir())[:3]]
+    from lookalike.pipeline import PipelineConfig
+
+    with Catalog.open(tmp_path / "cat", PipelineConfig(embedder=str(embedder), whiten=0), create=True) as cat:
+        cat.index(items, source_name="test")
+    conv_embedder(embedder, pooled=False, seed=2)  # same path, other weights
+    with pytest.raises(LookalikeError, match="reindex"):
+        Catalog.open(tmp_path / "cat")
+    proc = subprocess.run([sys.executable, "-m", "lookalike.cli", "search", items[0].image, "--catalog",
+                           str(tmp_path / "cat")], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 2 and "lookalike reindex --catalog" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "lookalike.cli", "reindex", "--catalog", str(tmp_path / "cat"), "-q"],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0 and "re-embedded 3 image(s)" in proc.stdout
+    with Catalog.open(tmp_path / "cat") as cat:
+        assert cat.search(items[1].image, k=1).results[0].product_id == items[1].product_id
+        recorded = json.loads(cat.store.get_meta("models"))
+        assert recorded["embedder"] == cat.encoder.model_shas()["embedder"]
+
+
+def test_tuning_through_the_api_reports_progress(tiny_catalog):
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from lookalike.api import ApiSettings, create_app
+
+    auth = {"Authorization": "Bearer t"}
+    with Catalog.open(tiny_catalog) as cat:
+        photo = open(sorted(cat.store.known())[0][1], "rb").read()
+    with TestClient(create_app(tiny_catalog, ApiSettings(token="t"))) as client:
+        assert client.post("/tune", json={"options": {"epochs": 2}}).status_code == 401
+        assert client.post("/tune", headers=auth, json={"options": {"nope": 1}}).status_code == 400
+        r = client.post("/tune", headers=auth, json={"options": TINY})
+        assert r.status_code == 202 and r.json()["state"] == "running"
+        assert client.post("/tune", headers=auth, json={}).status_code == 409  # one job at a time
+        stages = set()
+        deadline = time.time() + 300
+        while (status := client.get("/tune").json())["state"] == "running" and time.time() < deadline:
+            stages.add(status["stage"])
+            assert client.post("/search", files={"image": ("q.jpg", photo)}).status_code == 200  # served meanwhile
+            time.sleep(0.5)
+        assert status["state"] == "done", status
+        assert {"views", "training"} & stages and status["result"]["model"].endswith(".onnx")
+        assert client.get("/stats").json()["dim"] == 64 + 1280
