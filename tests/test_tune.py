@@ -124,3 +124,23 @@ def test_tuning_through_the_api_reports_progress(tiny_catalog):
         assert status["state"] == "done", status
         assert {"views", "training"} & stages and status["result"]["model"].endswith(".onnx")
         assert client.get("/stats").json()["dim"] == 64 + 1280
+
+
+def test_eval_tunes_only_on_the_rows_it_is_told(tmp_path, sneaker_folder):
+    """Open set through the command line: tune on 3 products' photos, evaluate on 3 others."""
+    products = sorted(sneaker_folder.iterdir())[:6]
+    lines = ["file,product,half"] + [f"{img},{p.name},{1 + i // 3}" for i, p in enumerate(products)
+                                     for img in sorted(p.glob("*.jpg"))[:4]]  # fmt: skip
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    args = [sys.executable, "-m", "lookalike.cli", "eval", str(tmp_path / "labels.csv"), "--root", "/", "--label",
+            "product", "--query", "half=2", "--gallery", "half=2", "--tune-on", "half=1", "--cache",
+            str(tmp_path / "eval.db"), "--json", str(tmp_path / "out.json"), "-q"]  # fmt: skip
+    for key, value in TINY.items():
+        args += ["--tune-option", f"{key}={value}"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert result["queries"] == 12 and result["config"]["embedder"].startswith(str(tmp_path / "tuned"))
+    (model,) = (tmp_path / "tuned").glob("tuned-*.onnx")
+    again = subprocess.run(args, capture_output=True, text=True, timeout=600)  # cached: not tuned twice
+    assert again.returncode == 0 and list((tmp_path / "tuned").glob("tuned-*.onnx")) == [model]
