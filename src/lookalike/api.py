@@ -601,10 +601,8 @@ def create_app(catalog_dir: str | Path, settings: ApiSettings | None = None) -> 
     def start_tuning(body: TuneRequest) -> Any:
         """Adapt the embedder to this catalog's products (needs lookalike[tune] on the server), then
         re-embed the catalog; poll GET /tune for progress."""
-        from lookalike.tune import options_from_text
-
         options = {k: str(v) for k, v in body.options.items()}
-        options_from_text(options)  # a bad option is a 400 now, not a failed job later
+        Catalog.check_tune_options(options)  # a bad option is a 400 now, not a failed job later
         return tuning.start(options)
 
     @app.get("/tune", response_model=TuneStatus, dependencies=read_deps, responses=READ_ERRORS)

@@ -365,6 +365,13 @@ class Catalog:
             raise
         return {**asdict(report), "model": str(final)}
 
+    @staticmethod
+    def check_tune_options(options: dict[str, str]) -> None:
+        """Refuse unknown or out-of-range tuning options (before a job starts), without torch."""
+        from lookalike.tune import options_from_text
+
+        options_from_text(options)
+
     def reindex(self, progress: StageProgress | None = None) -> int:
         """Re-embed every image with the model files the configuration names now (after a model file
         changed: the catalog refuses to mix vectors of two models). Returns the images re-embedded."""
