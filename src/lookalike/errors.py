@@ -16,3 +16,7 @@ class BadImageError(LookalikeError):
         super().__init__(f"{source}: {reason}")
         self.source = source
         self.reason = reason
+
+
+class VectorsChangedError(LookalikeError):
+    """The catalog's vectors were rebuilt with another model while a search was running."""

@@ -30,7 +30,7 @@ from lookalike.encoder import (
     run_parallel,
     safely,
 )
-from lookalike.errors import LookalikeError
+from lookalike.errors import LookalikeError, VectorsChangedError
 from lookalike.images import DEFAULT_LIMITS, ImageSource, Limits, describe
 from lookalike.ranking import RANKS, check_rank, product_score
 from lookalike.store import ImageRecord, LocalStore, Store
@@ -465,6 +465,14 @@ class Catalog:
         """Top-k products for a photo. `box`: None (automatic), the index of a detected box,
         "whole" for the whole image, or a box of one's own (pixels). `rank`: how a product's images'
         scores make its score (`ranking.RANKS`)."""
+        try:
+            return self._search(image, k, where, box, rank)
+        except VectorsChangedError:  # the vectors were swapped (tuning) mid-search: once more, new model
+            return self._search(image, k, where, box, rank)
+
+    def _search(self, image: ImageSource | Image.Image | Query, k: int = 10, where: dict[str, str] | None = None,
+               box: int | str | Box | dict | None = None, rank: str = DEFAULT_RANK) -> SearchResult:  # fmt: skip
+        """One search, with the models the catalog records now."""
         t0 = time.perf_counter()
         self._follow()
         query = self.detect(image)

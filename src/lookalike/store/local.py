@@ -20,7 +20,7 @@ import faiss
 import numpy as np
 
 from lookalike.embed import Whitening
-from lookalike.errors import LookalikeError
+from lookalike.errors import LookalikeError, VectorsChangedError
 from lookalike.store.base import Hit, ImageRecord
 
 DB_NAME = "catalog.db"
@@ -420,7 +420,7 @@ class LocalStore:
                 params = faiss.SearchParametersHNSW(efSearch=max(self.ef_search, k))
             query = self._project(vector.reshape(1, -1))
             if query.shape[1] != index.d:
-                raise LookalikeError("the catalog's vectors were rebuilt (tuned) during this search: search again")
+                raise VectorsChangedError("the catalog's vectors were rebuilt (tuned) during this search: search again")
             k = min(k, index.ntotal)
             scores, ids = index.search(query, k, params=params)
             pairs = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
