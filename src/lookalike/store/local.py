@@ -152,7 +152,7 @@ class LocalStore:
             return
         if self._index is None:
             return
-        with _Read(self.db):
+        with _Transaction(self.db, write=False):
             in_db = np.fromiter((r[0] for r in self.db.execute("SELECT id FROM images")), dtype=np.int64)
             in_index = faiss.vector_to_array(self._index.id_map).astype(np.int64)
             new = np.setdiff1d(in_db, in_index, assume_unique=True)
@@ -358,7 +358,7 @@ class LocalStore:
     def product(self, product_id: str) -> tuple[dict, list[str]] | None:
         """A product's metadata and image keys (in the order added), read in one snapshot so a reader
         never pairs one version's metadata with another's images."""
-        with self.lock, _Read(self.db):
+        with self.lock, _Transaction(self.db, write=False):
             row = self.db.execute("SELECT metadata FROM products WHERE product_id=?", (product_id,)).fetchone()
             rows = self.db.execute("SELECT image FROM images WHERE product_id=? ORDER BY id", (product_id,)).fetchall()
         if row is None or not rows:
@@ -457,7 +457,7 @@ class LocalStore:
     def _build_index(self) -> faiss.Index:
         faiss.omp_set_num_threads(os.cpu_count() or 1)
         try:
-            with _Read(self.db):  # one snapshot, even while another process writes
+            with _Transaction(self.db, write=False):  # one snapshot, even while another process writes
                 return self._fill_index()
         finally:
             faiss.omp_set_num_threads(1)
@@ -503,21 +503,6 @@ class LocalStore:
             self.db.close()
 
 
-class _Read:
-    """A read transaction: several SELECTs see one snapshot (WAL readers never block writers)."""
-
-    def __init__(self, db: sqlite3.Connection):
-        self.db = db
-
-    def __enter__(self):
-        self.db.execute("BEGIN")
-        return self.db
-
-    def __exit__(self, *exc):
-        self.db.execute("COMMIT")
-        return False
-
-
 def _relative_uploads(db: sqlite3.Connection) -> None:
     """v3: uploads were stored by whatever path the server was started with (absolute, or relative to
     its working directory); store them relative to the catalog, owned by the API."""
@@ -529,11 +514,14 @@ def _relative_uploads(db: sqlite3.Connection) -> None:
 
 
 class _Transaction:
-    def __init__(self, db: sqlite3.Connection):
-        self.db = db
+    """One transaction. A write takes the write lock at once (IMMEDIATE) and rolls back on error; a read
+    (write=False) lets several SELECTs see one snapshot (WAL readers never block writers)."""
+
+    def __init__(self, db: sqlite3.Connection, write: bool = True):
+        self.db, self.write = db, write
 
     def __enter__(self):
-        self.db.execute("BEGIN IMMEDIATE")
+        self.db.execute("BEGIN IMMEDIATE" if self.write else "BEGIN")
         return self.db
 
     def __exit__(self, exc_type, exc, tb):
