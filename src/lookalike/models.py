@@ -7,6 +7,7 @@ onnx and tflite2onnx are imported here, inside `pull`, and nowhere else.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -50,6 +51,14 @@ def model_dir() -> Path:
 
 
 def sha256_file(path: Path) -> str:
+    """A file's sha256, computed once per process for a given size and modification time (opening a
+    catalog checks its model files' fingerprints; indexing and eval ask again)."""
+    st = os.stat(path)
+    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
