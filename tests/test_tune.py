@@ -144,3 +144,50 @@ def test_eval_tunes_only_on_the_rows_it_is_told(tmp_path, sneaker_folder):
     (model,) = (tmp_path / "tuned").glob("tuned-*.onnx")
     again = subprocess.run(args, capture_output=True, text=True, timeout=600)  # cached: not tuned twice
     assert again.returncode == 0 and list((tmp_path / "tuned").glob("tuned-*.onnx")) == [model]
+
+
+def _catalog_shot(white_shoe: bool = True):
+    """A synthetic catalog shot: a shoe-like shape on white, with a white panel inside it."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (288, 288), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    draw.rounded_rectangle((40, 120, 200, 200), 20, fill=(30, 60, 160), outline=(20, 20, 20), width=4)
+    if white_shoe:
+        draw.rectangle((80, 140, 160, 180), fill=(255, 255, 255))  # white inside the shoe, not connected outside
+    return img
+
+
+def test_the_shoe_cut_out_keeps_its_own_white_parts_and_no_halo():
+    from lookalike.tune import _shoe_mask
+
+    mask = np.asarray(_shoe_mask(_catalog_shot()))
+    assert mask[160, 120] == 255  # the white panel inside the shoe belongs to the shoe
+    assert mask[10, 10] == 0 and mask[160, 230] == 0  # the white around it does not
+    assert mask[160, 206] < 128  # a few pixels outside the outline: no white rim is carried along
+
+
+def test_pair_and_leg_views_look_like_worn_photos():
+    import random
+
+    from lookalike.tune import _leg, _pair, augment
+
+    shot = _catalog_shot()
+    from PIL import ImageDraw
+
+    ImageDraw.Draw(shot).rectangle((50, 125, 62, 137), fill=(230, 0, 0))  # a red mark at the toe
+
+    def marks(img) -> int:  # how many separate red marks, counted along x
+        a = np.asarray(img).astype(int)
+        cols = ((a[..., 0] > 150) & (a[..., 1] < 80) & (a[..., 2] < 80)).any(axis=0)
+        return int((cols[1:] & ~cols[:-1]).sum() + cols[0])
+
+    assert marks(shot) == 1
+    views = [_pair(shot, random.Random(seed)) for seed in range(8)]
+    assert all(v.size == (288, 288) for v in views)
+    assert sum(marks(v) == 2 for v in views) >= 6  # two shoes (the mark hidden behind the other at times)
+    legged = np.asarray(_leg(shot.copy(), random.Random(1)))
+    top = (np.abs(legged[:20].astype(int) - 255).sum(axis=2) > 30).mean()
+    assert top > 0.2  # something comes down from the top edge
+    views = [augment(shot, random.Random(s), 160, [], pairs=1.0, legs=1.0) for s in range(4)]
+    assert all(v.size == (160, 160) and v.mode == "RGB" for v in views)
