@@ -94,7 +94,7 @@ def score(t: np.ndarray, o: np.ndarray, q, g, labels, weight: float) -> dict:
 def table(paths: list[str]) -> str:
     """Markdown rows: each run's options (as changed from the defaults), time, R@1/R@10 per weight."""
     default = asdict(options_from_text({}))
-    before = {"pairs": 0.0, "legs": 0.0, "train_size": 0, "subcenters": 1, "blocks_lr": 0.1}  # runs older than these
+    before = {"pairs": 0.0, "legs": 0.0, "train_size": 0, "subcenters": 1}  # runs older than these
     lines = ["| run | suite | changed from the defaults | training | R@1 / R@10 at original_weight "
              "0 / 0.25 / 0.5 / 0.75 |", "|---|---|---|---|---|"]  # fmt: skip
     for path in paths:
