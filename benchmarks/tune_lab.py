@@ -119,6 +119,8 @@ def main() -> None:
     if args.table:
         print(table(args.table))
         return
+    if not args.name:
+        ap.error("--name is required for a run (it names the vectors file and the JSON)")
     torch = _torch()
     torch.set_num_threads(2)
     opts = options_from_text(dict(o.split("=", 1) for o in args.option))

@@ -188,11 +188,12 @@ def _leg(img: Image.Image, rng: random.Random) -> Image.Image:
     centre = size * rng.uniform(0.3, 0.7)
     bottom = size * rng.uniform(0.15, 0.5)
     slant = size * rng.uniform(-0.15, 0.15)
-    base = np.array([rng.randint(0, 90), rng.randint(0, 90), rng.randint(0, 140)]) if rng.random() < 0.6 else \
-        np.array([rng.randint(0, 255) for _ in range(3)])  # fmt: skip
+    dark = rng.random() < 0.6  # mostly dark or denim cloth, else any colour
+    colour = (rng.randint(0, 90), rng.randint(0, 90), rng.randint(0, 140)) if dark else \
+        tuple(rng.randint(0, 255) for _ in range(3))  # fmt: skip
     draw.polygon([(centre - width / 2 + slant, -1), (centre + width / 2 + slant, -1),
                   (centre + width / 2, bottom + rng.uniform(-0.05, 0.05) * size), (centre - width / 2, bottom)],
-                 fill=tuple(int(c) for c in base))  # fmt: skip
+                 fill=colour)  # fmt: skip
     return img
 
 
