@@ -27,7 +27,7 @@ import httpx
 import numpy as np
 
 from lookalike import Catalog
-from lookalike.catalog import Item
+from lookalike.sources import Item
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = Path(os.environ.get("LOOKALIKE_DATASETS", ROOT.parent / "shared" / "datasets")).resolve()

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from lookalike import Catalog
-from lookalike.catalog import Item
+from lookalike.sources import Item
 from lookalike.store import LocalStore
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ from conftest import DATASETS  # noqa: E402
 from test_app_browser import screenshot_search  # noqa: E402
 
 from lookalike import Catalog  # noqa: E402
-from lookalike.catalog import Item  # noqa: E402
+from lookalike.sources import Item  # noqa: E402
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from lookalike.catalog import Item, SourceProblem, iter_source
+from lookalike.sources import Item, SourceProblem, iter_source
 from lookalike.crop import CropConfig, choose_crop, union_box
 from lookalike.detect import Box
 

@@ -18,7 +18,7 @@ from onnx_builders import conv_embedder, yolov8_like
 from PIL import Image
 
 from lookalike import Catalog
-from lookalike.catalog import Item
+from lookalike.sources import Item
 from lookalike.errors import LookalikeError
 from lookalike.pipeline import PipelineConfig
 

@@ -14,7 +14,7 @@ import pytest
 from onnx_builders import conv_embedder
 
 from lookalike import Catalog
-from lookalike.catalog import Item
+from lookalike.sources import Item
 from lookalike.errors import LookalikeError
 
 pytest.importorskip("torch")

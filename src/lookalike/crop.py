@@ -12,18 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from lookalike.config import CropConfig
 from lookalike.detect import Box
-
-WHITE = (255, 255, 255)
-
-
-@dataclass(frozen=True)
-class CropConfig:
-    strategy: str = "union"  # union | best (of the detected boxes) | nonwhite | whole
-    relative_threshold: float = 0.5
-    margin: float = 0.05
-    pad_color: tuple[int, int, int] = WHITE
-    white_level: int = 235
 
 
 @dataclass(frozen=True)

@@ -5,18 +5,18 @@ and evaluation share, so a catalog photo and a query photo always take the same 
 from __future__ import annotations
 
 import hashlib
-import json
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from lookalike import models
-from lookalike.crop import Crop, CropConfig, choose_crop
+from lookalike.config import PipelineConfig
+from lookalike.crop import Crop, choose_crop
 from lookalike.detect import Box, load_detector
 from lookalike.embed import Embedder, Whitening, l2_normalize
 from lookalike.errors import BadImageError, LookalikeError
@@ -24,65 +24,6 @@ from lookalike.images import DEFAULT_LIMITS, ImageSource, Limits, decode, read_b
 
 BATCH = 64
 Progress = Callable[[int, int | None], None]
-
-
-@dataclass(frozen=True)
-class PipelineConfig:
-    """Everything that changes the vectors: fixed per catalog, recorded in it."""
-
-    detector: str | None = None  # ONNX path; None = the default Open Images SSD
-    embedder: str | None = None  # ONNX path; None = the default EfficientNet-Lite0
-    embed_size: int = 0  # embedder input size in pixels (multiple of 32); 0 = the model's preferred one
-    pooling: str = "gem"  # avg | gem, for feature-map outputs
-    gem_p: float = 3.0
-    flip: bool = False  # average the crop's vector with its mirror image's
-    # PCA whitening to this many dimensions, learned on the catalog; 0 = off. Off by default: it gains
-    # 4.6 points of R@1 on suite 2 but costs 4.5 on suite 5 (products it never saw) (BENCHMARKS.md)
-    whiten: int = 0
-    whiten_power: float = 0.5  # 1 = full whitening, 0.5 = shrunk (divide by sqrt(std))
-    crop: CropConfig = field(default_factory=CropConfig)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    def embedding_key(self) -> str:
-        """What the per-image vectors depend on (not the projection learned on the catalog afterwards)."""
-        d = asdict(self)
-        d.pop("whiten"), d.pop("whiten_power")
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
-
-    @classmethod
-    def from_json(cls, text: str) -> PipelineConfig:
-        d = json.loads(text)
-        crop = d.pop("crop", {})
-        crop["pad_color"] = tuple(crop.get("pad_color", (255, 255, 255)))
-        return cls(crop=CropConfig(**crop), **d)
-
-    def with_options(self, options: dict[str, str]) -> PipelineConfig:
-        """A copy with `key=value` options applied, e.g. {"pooling": "gem", "crop.margin": "0.1"}."""
-        config, crop = asdict(self), asdict(self.crop)
-        for key, text in options.items():
-            target, name = (crop, key[5:]) if key.startswith("crop.") else (config, key)
-            if name not in target or name == "crop":
-                raise LookalikeError(f"unknown configuration option {key!r}")
-            target[name] = _parse_option(key, text, target[name])
-        config["crop"] = CropConfig(**{**crop, "pad_color": tuple(crop["pad_color"])})
-        return PipelineConfig(**config)
-
-
-def _parse_option(key: str, text: str, current: object) -> object:
-    try:
-        if isinstance(current, bool):
-            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(text)
-            return text.lower() in ("true", "1", "yes")
-        if isinstance(current, int | float):
-            return type(current)(text)
-        if isinstance(current, tuple | list):
-            return tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise LookalikeError(f"configuration option {key}={text!r}: expected a {type(current).__name__}") from None
-    return None if text.lower() in ("", "none") and current is None else text
 
 
 WHITEN_MIN_IMAGES = 100  # below this a catalog is searched with raw vectors

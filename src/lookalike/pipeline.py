@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lookalike.catalog import Item, SourceProblem, iter_source, source_id
+from lookalike.sources import Item, SourceProblem, iter_source, source_id
 from lookalike.detect import Box
 from lookalike.encoder import (
     WHITEN_MIN_IMAGES,
@@ -166,18 +166,16 @@ class Catalog:
             )
         store = LocalStore(directory, **store_options)
         recorded = store.get_meta("config")
-        if recorded:
-            stored = PipelineConfig.from_json(recorded)
-            if config is not None and config != stored:
+        stored = PipelineConfig.from_json(recorded) if recorded else None
+        catalog = cls(directory, store, stored or config or PipelineConfig(), threads=threads, limits=limits)
+        if stored is not None and config is not None and config != stored:
+            size = catalog.encoder.models.embedder.size  # 0 and the model's own size are one setting
+            if config.sized(size) != stored.sized(size):
+                store.close()
                 raise LookalikeError(
                     f"{directory} was indexed with another pipeline configuration ({recorded}); "
                     "use a new catalog directory for a different one"
                 )
-            config = stored
-        else:
-            config = config or PipelineConfig()
-            store.set_meta("config", config.to_json())
-        catalog = cls(directory, store, config, threads=threads, limits=limits)
         if check_models:
             catalog._check_models()
         return catalog
@@ -198,7 +196,13 @@ class Catalog:
                     f"`lookalike reindex --catalog {self.directory}` (or restore that model file)"
                 )
 
-    def _record_models(self) -> None:
+    def _record_config(self) -> None:
+        """Once the first image is stored: the config (0 spelled as the model's size) and the model files'
+        hashes. Not before, so a catalog whose first run failed is not tied to that run's options."""
+        if self.store.get_meta("config") is None and self.store.count()[1]:
+            sized = self.config.sized(self.encoder.models.embedder.size)
+            self.store.set_meta("config", sized.to_json())
+            self.config = sized  # the models already loaded are the same ones
         if self.store.get_meta("models") is None and self.store.count()[1]:
             self.store.set_meta("models", json.dumps(self.encoder.model_shas(), sort_keys=True))
 
@@ -252,7 +256,7 @@ class Catalog:
             report.pruned = sorted(k for k, (_, owner) in known.items() if owner in (sid, None) and k not in seen)
             report.removed = len(report.pruned)
         if not dry_run:
-            self._record_models()
+            self._record_config()
             if claimed:
                 self.store.claim(claimed, sid)
             self._sync_metadata(items)
@@ -301,7 +305,7 @@ class Catalog:
             box = out.crop.box.to_dict() if out.crop.box else None
             records.append(ImageRecord(product_id, key, sha, out.vector, out.crop.path, box, metadata or {}, source))
         self._forget_files(self.store.add(records, replace_products=[product_id]))
-        self._record_models()
+        self._record_config()
         self.refresh_whitening()
         return self.product(product_id) or {}
 
