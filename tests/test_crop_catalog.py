@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from lookalike.sources import Item, SourceProblem, iter_source
 from lookalike.crop import CropConfig, choose_crop, union_box
 from lookalike.detect import Box
+from lookalike.sources import Item, SourceProblem, iter_source
 
 
 def test_union_keeps_boxes_at_half_the_best_score():

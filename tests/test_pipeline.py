@@ -18,9 +18,9 @@ from onnx_builders import conv_embedder, yolov8_like
 from PIL import Image
 
 from lookalike import Catalog
-from lookalike.sources import Item
 from lookalike.errors import LookalikeError
 from lookalike.pipeline import PipelineConfig
+from lookalike.sources import Item
 
 # Measured on this fixed split (30 products x 10 catalog shots; 150 shopper photos): 0.840.
 MIN_TOP10 = 0.80

@@ -14,8 +14,8 @@ import pytest
 from onnx_builders import conv_embedder
 
 from lookalike import Catalog
-from lookalike.sources import Item
 from lookalike.errors import LookalikeError
+from lookalike.sources import Item
 
 pytest.importorskip("torch")
 TINY = {"views": "4", "epochs": "10", "tail_from": "14", "batch": "16", "dim": "64", "lr": "0.003"}

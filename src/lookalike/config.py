@@ -136,7 +136,9 @@ class PipelineConfig:
             if name not in target or name == "crop":
                 allowed = [f.name for f in fields(PipelineConfig) if f.name != "crop"]
                 allowed += [f"crop.{f.name}" for f in fields(CropConfig)]
-                raise LookalikeError(f"unknown configuration option {key}={text!r}: expected one of {', '.join(allowed)}")
+                raise LookalikeError(
+                    f"unknown configuration option {key}={text!r}: expected one of {', '.join(allowed)}"
+                )
             target[name] = _parse_option(key, text, target[name])
         config["crop"] = CropConfig(**crop)
         return PipelineConfig(**config)

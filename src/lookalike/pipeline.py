@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lookalike.sources import Item, SourceProblem, iter_source, source_id
 from lookalike.detect import Box
 from lookalike.encoder import (
     WHITEN_MIN_IMAGES,
@@ -33,6 +32,7 @@ from lookalike.encoder import (
 from lookalike.errors import LookalikeError, VectorsChangedError
 from lookalike.images import DEFAULT_LIMITS, ImageSource, Limits, describe
 from lookalike.ranking import RANKS, check_rank, product_score
+from lookalike.sources import Item, SourceProblem, iter_source, source_id
 from lookalike.store import ImageRecord, LocalStore, Store
 
 DEFAULT_RANK = "best"  # chosen on the benchmark suites (BENCHMARKS.md)
