@@ -27,7 +27,7 @@ import numpy as np
 
 from lookalike import Catalog
 from lookalike.sources import Item
-from lookalike.store import LocalStore
+from lookalike.catalog import CatalogDB
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = Path(os.environ.get("LOOKALIKE_DATASETS", ROOT.parent / "shared" / "datasets")).resolve()
@@ -101,15 +101,15 @@ def main() -> None:
 
             # 3. HNSW against exact on the same real vectors
             vectors = [cat.embed(q) for q in queries[:200]]
-        exact = LocalStore(big, hnsw_threshold=10**9)
-        hnsw = LocalStore(big, hnsw_threshold=1)
+        exact = CatalogDB(big, hnsw_threshold=10**9)
+        hnsw = CatalogDB(big, hnsw_threshold=1)
         truth, t0 = [], time.perf_counter()
         for v in vectors:
             truth.append({h.image for h in exact.search(v, 10)})
         out["exact_search_ms"] = round((time.perf_counter() - t0) / len(vectors) * 1000, 2)
         out["hnsw"] = []
         for ef in (64, 128, 256):
-            hnsw.ef_search = ef
+            hnsw._ensure_index().ef_search = ef
             hits, t0 = 0, time.perf_counter()
             for v, expected in zip(vectors, truth, strict=True):
                 hits += len({h.image for h in hnsw.search(v, 10)} & expected)

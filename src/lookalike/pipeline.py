@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from lookalike.catalog import CatalogDB, ImageRecord
 from lookalike.detect import Box
+from lookalike.embed import Whitening
 from lookalike.encoder import (
     WHITEN_MIN_IMAGES,
     WHITEN_REFIT_CHANGE,
@@ -31,9 +33,9 @@ from lookalike.encoder import (
 )
 from lookalike.errors import LookalikeError, VectorsChangedError
 from lookalike.images import DEFAULT_LIMITS, ImageSource, Limits, describe
+from lookalike.index import BACKENDS
 from lookalike.ranking import RANKS, check_rank, product_score
 from lookalike.sources import Item, SourceProblem, iter_source, source_id
-from lookalike.store import ImageRecord, LocalStore, Store
 
 DEFAULT_RANK = "best"  # chosen on the benchmark suites (BENCHMARKS.md)
 StageProgress = Callable[[str, int, "int | None"], None]  # (stage, done, total): long jobs with several stages
@@ -120,13 +122,20 @@ class IndexReport:
 class Catalog:
     """A searchable shoe catalog stored in one directory."""
 
-    def __init__(self, directory: Path, store: Store, config: PipelineConfig, threads: int = 2,
+    def __init__(self, directory: Path, store: CatalogDB, config: PipelineConfig, threads: int = 2,
                  limits: Limits = DEFAULT_LIMITS):  # fmt: skip
         self.store = store
         self.directory = Path(directory).resolve()
         self.threads = max(1, threads)
         self.limits = limits
         self._use(config)
+        self._load_projection()
+
+    def _load_projection(self) -> None:
+        """The whitening learned on this catalog (stored in it): queries and the index go through it."""
+        self._projection_version, arrays = self.store.projection()
+        self._whitening = Whitening(*arrays) if arrays is not None else None
+        self.store.set_transform(self._whitening)
 
     def _use(self, config: PipelineConfig) -> None:
         """Run with this configuration (as recorded: model paths inside the catalog are relative)."""
@@ -151,20 +160,32 @@ class Catalog:
         recorded = self.store.get_meta("config")
         if recorded and recorded != self.config.to_json():
             self._use(PipelineConfig.from_json(recorded))
+        if self.store.projection_version() != self._projection_version:
+            self._load_projection()
 
     @classmethod
     def open(cls, directory: str | Path, config: PipelineConfig | None = None, create: bool = False,
-             threads: int = 2, limits: Limits = DEFAULT_LIMITS, check_models: bool = True,
-             **store_options) -> Catalog:  # fmt: skip
+             threads: int = 2, limits: Limits = DEFAULT_LIMITS, check_models: bool = True, index: str | None = None,
+             **index_options) -> Catalog:  # fmt: skip
         """Open a catalog; with create=True make it if absent. Its recorded config wins over `config`.
         A catalog whose vectors came from other model files than those it would load is refused
-        (check_models=False opens it anyway, to rebuild them: `reindex`)."""
+        (check_models=False opens it anyway, to rebuild them: `reindex`). `index`: the vector index
+        backend of a new catalog (`index.BACKENDS`; default "local"), recorded in it."""
         directory = Path(directory)
         if not create and not (directory / "catalog.db").exists():
             raise LookalikeError(
                 f"{directory}: no catalog here (create one with `lookalike index SOURCE --catalog {directory}`)"
             )
-        store = LocalStore(directory, **store_options)
+        if index is not None and index not in BACKENDS:
+            raise LookalikeError(f"index backend {index!r}: expected one of {', '.join(BACKENDS)}")
+        probe = CatalogDB(directory)  # records only: which backend the catalog uses
+        backend = probe.get_meta("index")
+        probe.close()
+        if backend and index and index != backend:
+            raise LookalikeError(f"{directory} uses the {backend!r} index backend, not {index!r}")
+        store = CatalogDB(directory, index=backend or index or "local", **index_options)
+        if not backend:
+            store.set_meta("index", store.index_name)
         recorded = store.get_meta("config")
         stored = PipelineConfig.from_json(recorded) if recorded else None
         catalog = cls(directory, store, stored or config or PipelineConfig(), threads=threads, limits=limits)
@@ -404,6 +425,7 @@ class Catalog:
                 "whitening_fitted_on": "0"}  # fmt: skip
         self.store.replace_vectors(vectors, meta)
         self._use(config)
+        self._load_projection()
         self.refresh_whitening(force=True)
         return len(vectors)
 
@@ -418,8 +440,10 @@ class Catalog:
             return False
         if not force and not fitted_on and images < WHITEN_MIN_IMAGES:
             return False
-        self.store.set_projection(learn_whitening(self.config, self.store.vectors()))
+        whitening = learn_whitening(self.config, self.store.vectors())
+        self.store.set_projection((whitening.mean, whitening.matrix) if whitening is not None else None)
         self.store.set_meta("whitening_fitted_on", str(images))
+        self._load_projection()
         return True
 
     def remove(self, product_ids: list[str]) -> int:
@@ -510,7 +534,8 @@ class Catalog:
         check_rank(rank)
         n = max(4 * k, 32)
         while True:
-            hits = self.store.search(vector, n, where)
+            query = self._whitening(vector)[0] if self._whitening is not None else vector
+            hits = self.store.search(query, n, where)
             groups: dict[str, list] = {}
             for h in hits:
                 groups.setdefault(h.product_id, []).append(h)
@@ -544,7 +569,7 @@ class Catalog:
             "products": products,
             "images": images,
             "dim": self.store.dim,
-            "search_dim": self.store.search_dim(),
+            "search_dim": self._whitening.dim if self._whitening is not None else self.store.dim,
             "index": self.store.index_kind(),
             "config": json.loads(self.config.to_json()),
         }

@@ -1,4 +1,4 @@
-"""The embedded store: SQLite is the truth, FAISS the index, exact or HNSW."""
+"""Catalog records: SQLite is the truth, a VectorIndex backend (FAISS by default, exact or HNSW) the index."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ import sqlite3
 import numpy as np
 import pytest
 
+from lookalike.catalog import DB_NAME, SCHEMA_VERSION, CatalogDB, ImageRecord
 from lookalike.errors import LookalikeError
-from lookalike.store import ImageRecord, LocalStore
-from lookalike.store.local import DB_NAME, SCHEMA_VERSION
 
 
 def unit(v):
@@ -27,7 +26,7 @@ def test_add_search_remove_persist(tmp_path):
     rng = np.random.default_rng(0)
     vecs = unit(rng.normal(size=(20, 16)))
     products = [f"p{i % 5}" for i in range(20)]
-    store = LocalStore(tmp_path)
+    store = CatalogDB(tmp_path)
     store.add(records(vecs, products, {"p1": {"brand": "Nike"}, "p2": {"brand": "nike"}, "p3": {"brand": "Vans"}}))
     assert store.count() == (5, 20)
     hits = store.search(vecs[7], 3)
@@ -46,13 +45,13 @@ def test_add_search_remove_persist(tmp_path):
     assert store.known()[("p1", "/img/p1/1.jpg")][0] == "new"
     store.close()
 
-    reopened = LocalStore(tmp_path)
+    reopened = CatalogDB(tmp_path)
     assert reopened.count() == (4, 16) and reopened.dim == 16
     assert reopened.search(vecs[0], 2)[0].score == pytest.approx(1.0, abs=1e-5)
 
 
 def test_dimension_is_enforced(tmp_path):
-    store = LocalStore(tmp_path)
+    store = CatalogDB(tmp_path)
     store.add(records(unit(np.ones((1, 8))), ["a"]))
     with pytest.raises(LookalikeError, match="vector size"):
         store.add(records(unit(np.ones((1, 4))), ["b"]))
@@ -60,18 +59,18 @@ def test_dimension_is_enforced(tmp_path):
 
 
 def test_newer_schema_is_refused(tmp_path):
-    LocalStore(tmp_path).close()
+    CatalogDB(tmp_path).close()
     db = sqlite3.connect(tmp_path / DB_NAME)
     db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
     db.close()
     with pytest.raises(LookalikeError, match="newer"):
-        LocalStore(tmp_path)
+        CatalogDB(tmp_path)
 
 
 def test_not_a_database(tmp_path):
     (tmp_path / DB_NAME).write_bytes(b"garbage" * 100)
     with pytest.raises(LookalikeError, match="not a readable catalog"):
-        LocalStore(tmp_path)
+        CatalogDB(tmp_path)
 
 
 def test_hnsw_recall_against_exact(tmp_path):
@@ -81,8 +80,8 @@ def test_hnsw_recall_against_exact(tmp_path):
     data = unit(centers[rng.integers(0, 200, 6000)] + 0.35 * rng.normal(size=(6000, 64)))
     queries = unit(centers[rng.integers(0, 200, 200)] + 0.35 * rng.normal(size=(200, 64)))
     products = [f"p{i}" for i in range(len(data))]
-    exact = LocalStore(tmp_path / "exact", hnsw_threshold=10**9)
-    hnsw = LocalStore(tmp_path / "hnsw", hnsw_threshold=1000)
+    exact = CatalogDB(tmp_path / "exact", hnsw_threshold=10**9)
+    hnsw = CatalogDB(tmp_path / "hnsw", hnsw_threshold=1000)
     for s in (exact, hnsw):
         s.add(records(data, products))
     assert exact.index_kind() == "exact" and hnsw.index_kind() == "hnsw"
@@ -92,16 +91,19 @@ def test_hnsw_recall_against_exact(tmp_path):
     assert recall >= 0.98
     hnsw.flush()
     assert len(list((tmp_path / "hnsw").glob("index-*.faiss"))) == 1
-    again = LocalStore(tmp_path / "hnsw", hnsw_threshold=1000)
+    again = CatalogDB(tmp_path / "hnsw", hnsw_threshold=1000)
     assert [h.image for h in again.search(queries[0], 10)] == [h.image for h in hnsw.search(queries[0], 10)]
-    # HNSW cannot delete in place: removal rebuilds, and the removed image is gone
+    # HNSW cannot delete in place: a removed image is filtered out at once, without a rebuild
+    index = hnsw._ensure_index()
     top = hnsw.search(queries[0], 1)[0]
     hnsw.remove(images=[(top.product_id, top.image)])
+    assert hnsw._ensure_index() is index and index.count() == len(data) - 1
     assert top.image not in {h.image for h in hnsw.search(queries[0], 10)}
+    assert len(hnsw.search(queries[0], 10, where=None)) == 10
 
 
 def test_migrates_a_version_1_catalog(tmp_path):
-    from lookalike.store.local import MIGRATIONS
+    from lookalike.catalog import MIGRATIONS
 
     db = sqlite3.connect(tmp_path / DB_NAME)
     for stmt in MIGRATIONS[1]:
@@ -115,7 +117,7 @@ def test_migrates_a_version_1_catalog(tmp_path):
     db.execute("PRAGMA user_version=1")
     db.commit()
     db.close()
-    store = LocalStore(tmp_path)
+    store = CatalogDB(tmp_path)
     assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     assert store.count() == (1, 1)
     assert store.search(unit(np.ones(4)), 1)[0].image == str(tmp_path.resolve() / "a.jpg")  # relative = in the catalog
@@ -124,7 +126,7 @@ def test_migrates_a_version_1_catalog(tmp_path):
 def test_v3_migration_makes_uploads_catalog_relative(tmp_path):
     """Catalogs made before v3 stored uploads by the server's working directory (point 5 of issue 9):
     after the migration they are found from anywhere, and belong to the API."""
-    from lookalike.store.local import MIGRATIONS
+    from lookalike.catalog import MIGRATIONS
 
     sha = "ab" + "0" * 62
     db = sqlite3.connect(tmp_path / DB_NAME)
@@ -140,7 +142,7 @@ def test_v3_migration_makes_uploads_catalog_relative(tmp_path):
     db.execute("PRAGMA user_version=2")
     db.commit()
     db.close()
-    store = LocalStore(tmp_path)
+    store = CatalogDB(tmp_path)
     assert store.product("p")[1] == [str(tmp_path.resolve() / "uploads" / "ab" / sha)]
     assert store.product("q")[1] == ["/data/shoes/q.jpg"]
     assert store.known()[("p", str(tmp_path.resolve() / "uploads" / "ab" / sha))][1] == "api"
@@ -152,18 +154,76 @@ def test_learned_projection_applies_to_index_and_queries(tmp_path):
 
     rng = np.random.default_rng(3)
     vecs = unit(rng.normal(size=(300, 32)) * np.linspace(3, 0.1, 32))  # strongly anisotropic
-    store = LocalStore(tmp_path)
+    store = CatalogDB(tmp_path)
     store.add(records(vecs, [f"p{i}" for i in range(300)]))
     raw_top = [h.image for h in store.search(vecs[5], 5)]
     whitening = Whitening.fit(store.vectors(), 8, power=0.5)
-    store.set_projection(whitening)
-    assert store._ensure_index().d == 8
-    hits = store.search(vecs[5], 5)
+    store.set_projection((whitening.mean, whitening.matrix))
+    store.set_transform(whitening)  # the pipeline maps stored vectors and queries alike
+    assert store._ensure_index().index.d == 8
+    hits = store.search(whitening(vecs[5])[0], 5)
     assert hits[0].image == raw_top[0] and hits[0].score == pytest.approx(1.0, abs=1e-5)
-    store.add(records(vecs[:1] * -1, ["new"]))  # added after: projected on the way in
-    assert store.search(-vecs[0], 1)[0].product_id == "new"
+    store.add(records(vecs[:1] * -1, ["new"]))  # added after: mapped on the way in
+    assert store.search(whitening(-vecs[0])[0], 1)[0].product_id == "new"
     store.close()
-    again = LocalStore(tmp_path)  # the projection persists
-    assert again._ensure_index().d == 8 and again.search(vecs[5], 1)[0].image == raw_top[0]
+    again = CatalogDB(tmp_path)  # the projection persists
+    version, arrays = again.projection()
+    assert version is not None and np.array_equal(arrays[1], whitening.matrix)
     again.set_projection(None)
-    assert again._ensure_index().d == 32
+    assert again.projection()[1] is None and again.projection()[0] != version
+
+
+class BruteForce:
+    """A second backend written the way a new one would be: the interface and nothing else."""
+
+    kind = "numpy"
+
+    def __init__(self, directory, dim, expected, tag):
+        self.ids, self.vectors = np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
+
+    def add(self, ids, vectors):
+        self.ids, self.vectors = np.concatenate([self.ids, ids]), np.concatenate([self.vectors, vectors])
+
+    def remove(self, ids):
+        keep = ~np.isin(self.ids, ids)
+        self.ids, self.vectors = self.ids[keep], self.vectors[keep]
+
+    def search(self, vector, k, allowed=None):
+        scores = self.vectors @ vector.ravel()
+        if allowed is not None:
+            scores = np.where(np.isin(self.ids, allowed), scores, -np.inf)
+        order = [i for i in np.argsort(-scores)[:k] if np.isfinite(scores[i])]
+        return self.ids[order], scores[order]
+
+    def count(self):
+        return len(self.ids)
+
+    def save(self, tag):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_a_second_backend_is_one_registry_entry(tmp_path, monkeypatch):
+    from lookalike.index import BACKENDS
+
+    monkeypatch.setitem(BACKENDS, "numpy", f"{__name__}:BruteForce")
+    rng = np.random.default_rng(4)
+    vecs = unit(rng.normal(size=(30, 8)))
+    products = [f"p{i % 6}" for i in range(30)]
+    meta = {"p1": {"brand": "nike"}}
+    store, reference = CatalogDB(tmp_path / "a", index="numpy"), CatalogDB(tmp_path / "b")
+    for s in (store, reference):
+        s.add(records(vecs, products, meta))
+        s.remove(products=["p2"])
+    assert store.index_kind() == "numpy" and reference.index_kind() == "exact"
+    for q in vecs[:5]:
+        assert [h.image for h in store.search(q, 7)] == [h.image for h in reference.search(q, 7)]
+        assert [h.image for h in store.search(q, 7, {"brand": "NIKE"})] == [
+            h.image for h in reference.search(q, 7, {"brand": "NIKE"})]
+    from lookalike import Catalog
+
+    with pytest.raises(LookalikeError, match="index backend 'nope': expected one of local, numpy"):
+        Catalog.open(tmp_path / "c", create=True, index="nope")
+    assert not (tmp_path / "c").exists()

@@ -1,10 +1,9 @@
-"""The embedded store: one directory holding a SQLite file and a FAISS index cache.
+"""A catalog's records: one directory holding a SQLite file (the source of truth) and a vector index.
 
-SQLite (WAL) is the source of truth: products, images, their content hashes and vectors as
-float32 blobs, a schema version and migrations, as rclip does. The FAISS index lives in memory,
-built from SQLite on open (or read from `index-<generation>.faiss` when it matches the database),
-exact (flat inner product) for small catalogs and HNSW above `hnsw_threshold` images.
-A write is one SQLite transaction, so a killed run loses at most the batch it was writing.
+SQLite (WAL) holds products, images, their content hashes and vectors as float32 blobs, a schema
+version and migrations, as rclip does. The vector index (`index/`, chosen by name when the catalog is
+made) holds the vectors to search, by image id, and is rebuilt from SQLite whenever it does not match
+it. A write is one SQLite transaction, so a killed run loses at most the batch it was writing.
 """
 
 from __future__ import annotations
@@ -14,20 +13,16 @@ import os
 import re
 import sqlite3
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import faiss
 import numpy as np
 
-from lookalike.embed import Whitening
 from lookalike.errors import LookalikeError, VectorsChangedError
-from lookalike.store.base import Hit, ImageRecord
+from lookalike.index import VectorIndex, open_index
 
 DB_NAME = "catalog.db"
-# One query at a time is faster on one OpenMP thread, and idle OpenMP threads spin against ONNX
-# Runtime's and OpenBLAS's on small machines (measured: 12.7 ms -> 2.5 ms per search of 10k
-# whitened vectors on 2 cores). Index builds use every core (see _build_index).
-faiss.omp_set_num_threads(1)
 SCHEMA_VERSION = 3
 MIGRATIONS: dict[int, list[str]] = {
     1: [
@@ -55,22 +50,56 @@ MIGRATIONS: dict[int, list[str]] = {
         lambda db: _relative_uploads(db),
     ],
 }
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """The one way lookalike opens SQLite (catalogs, the eval cache): WAL, autocommit with explicit
+    transactions, shared across threads behind the caller's lock, waiting on another writer."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+    db.execute("PRAGMA journal_mode=WAL")
+    return db
+
+
+@dataclass
+class ImageRecord:
+    product_id: str
+    image: str
+    sha256: str
+    vector: np.ndarray | None  # None only in a dry run's plan
+    crop: str = "whole"
+    box: dict | None = None
+    metadata: dict = field(default_factory=dict)  # the product's
+    source: str | None = None  # what added it: a source's id (folder or manifest path) or "api"
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One catalog image matching a query."""
+
+    product_id: str
+    image: str
+    score: float
+    crop: str
+    box: dict | None
+
+
 UPLOADS = "uploads"
 
 
-class LocalStore:
-    def __init__(self, directory: Path | str, hnsw_threshold: int = 20_000, hnsw_m: int = 32,
-                 ef_construction: int = 80, ef_search: int = 256):  # fmt: skip
+class CatalogDB:
+    """Records in SQLite and the vectors in a `VectorIndex` kept in line with them (also with writes of
+    other processes, e.g. an `index` run beside a server). Vectors are stored as embedded; `transform`
+    (the pipeline's learned projection, if any) maps them to what the index holds, and queries come
+    already mapped."""
+
+    def __init__(self, directory: Path | str, index: str = "local", **index_options):  # fmt: skip
         self.directory = Path(directory).resolve()  # so stored paths never depend on the working directory
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.hnsw_threshold = hnsw_threshold
-        self.hnsw_m, self.ef_construction, self.ef_search = hnsw_m, ef_construction, ef_search
+        self.index_name, self.index_options = index, index_options
         self.lock = threading.RLock()
         try:
-            self.db = sqlite3.connect(
-                self.directory / DB_NAME, check_same_thread=False, isolation_level=None, timeout=30
-            )
-            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db = connect(self.directory / DB_NAME)
             # FULL: a write the API acknowledged survives a power loss too, not only a killed process
             self.db.execute("PRAGMA synchronous=FULL")
             self._migrate()
@@ -79,8 +108,9 @@ class LocalStore:
             raise LookalikeError(f"{self.directory / DB_NAME}: not a readable catalog database ({e})") from None
         dim = self.get_meta("dim")
         self.dim = int(dim) if dim else None
-        self._index: faiss.Index | None = None
-        self._projection = self._load_projection()
+        self.transform: Callable[[np.ndarray], np.ndarray] | None = None
+        self._index: VectorIndex | None = None
+        self._indexed = np.zeros(0, dtype=np.int64)  # ids in the index, sorted
 
     # -- schema -------------------------------------------------------------------------------
     def _migrate(self) -> None:
@@ -138,69 +168,65 @@ class LocalStore:
         return self.db.execute("PRAGMA data_version").fetchone()[0]
 
     def _catch_up(self) -> None:
-        """Bring the in-memory index in line with writes made by other processes (an `index` run
-        beside a server). SQLite's data_version changes only on other connections' commits, so
-        this costs one pragma per search when nobody else writes."""
+        """Bring the index in line with writes made by other processes. SQLite's data_version changes
+        only on other connections' commits, so this costs one pragma per search when nobody else writes."""
         version = self._read_data_version()
         if version == self._data_version:
             return
         self._data_version = version
-        projection_version = self.get_meta("projection_version")
-        if projection_version != self._projection_version:
-            self._projection = self._load_projection()
-            self._index = None
-            return
         if self._index is None:
             return
         with _Transaction(self.db, write=False):
             in_db = np.fromiter((r[0] for r in self.db.execute("SELECT id FROM images")), dtype=np.int64)
-            in_index = faiss.vector_to_array(self._index.id_map).astype(np.int64)
-            new = np.setdiff1d(in_db, in_index, assume_unique=True)
-            gone = np.setdiff1d(in_index, in_db, assume_unique=True)
+            new = np.setdiff1d(in_db, self._indexed)
+            gone = np.setdiff1d(self._indexed, in_db)
             rows = []
             for chunk in _chunks(new.tolist(), 500):
                 q = f"SELECT id, vector FROM images WHERE id IN ({','.join('?' * len(chunk))})"
                 rows += self.db.execute(q, chunk).fetchall()
-        self._drop_from_index(gone.tolist())
-        if rows and self._index is not None:
-            vectors = np.stack([np.frombuffer(v, dtype=np.float32) for _, v in rows])
-            self._index.add_with_ids(self._project(vectors), np.asarray([i for i, _ in rows], dtype=np.int64))
+        self._unindex(gone)
+        if rows:
+            self._add_to_index([i for i, _ in rows], [np.frombuffer(v, dtype=np.float32) for _, v in rows])
 
-    # -- the learned projection ---------------------------------------------------------------
-    def _load_projection(self) -> Whitening | None:
-        self._projection_version = self.get_meta("projection_version")
-        row = self.db.execute("SELECT mean, matrix FROM projection WHERE id = 1").fetchone()
-        if row is None:
-            return None
-        mean = np.frombuffer(row[0], dtype=np.float32)
-        return Whitening(mean, np.frombuffer(row[1], dtype=np.float32).reshape(len(mean), -1))
-
-    def set_projection(self, projection: Whitening | None) -> None:
-        """Vectors are stored as given; the index holds them projected, and queries are projected too."""
+    # -- the learned projection: stored here, learned and applied by the pipeline -------------------
+    def projection(self) -> tuple[str | None, tuple[np.ndarray, np.ndarray] | None]:
+        """(version, (mean, matrix) or None): the version changes whenever any process sets it."""
         with self.lock:
-            with self._tx():
-                self.db.execute("DELETE FROM projection")
-                if projection is not None:
-                    self.db.execute(
-                        "INSERT INTO projection(id, mean, matrix) VALUES (1, ?, ?)",
-                        (projection.mean.tobytes(), np.ascontiguousarray(projection.matrix).tobytes()),
-                    )
-                self._bump_generation()
-                self._projection_version = str(int(self._projection_version or 0) + 1)
-                self._set_meta("projection_version", self._projection_version)
-            self._projection = projection
-            self._index = None
+            version = self.get_meta("projection_version")
+            row = self.db.execute("SELECT mean, matrix FROM projection WHERE id = 1").fetchone()
+        if row is None:
+            return version, None
+        mean = np.frombuffer(row[0], dtype=np.float32)
+        return version, (mean, np.frombuffer(row[1], dtype=np.float32).reshape(len(mean), -1))
 
-    def _project(self, vectors: np.ndarray) -> np.ndarray:
+    def projection_version(self) -> str | None:
+        return self.get_meta("projection_version")
+
+    def set_projection(self, arrays: tuple[np.ndarray, np.ndarray] | None) -> None:
+        with self.lock, self._tx():
+            self._write_projection(arrays)
+
+    def _write_projection(self, arrays: tuple[np.ndarray, np.ndarray] | None) -> None:
+        self.db.execute("DELETE FROM projection")
+        if arrays is not None:
+            mean, matrix = arrays
+            blobs = np.asarray(mean, np.float32).tobytes(), np.ascontiguousarray(matrix, np.float32).tobytes()
+            self.db.execute("INSERT INTO projection(id, mean, matrix) VALUES (1, ?, ?)", blobs)
+        self._set_meta("projection_version", str(int(self.get_meta("projection_version") or 0) + 1))
+        self._bump_generation()
+
+    def set_transform(self, transform: Callable[[np.ndarray], np.ndarray] | None) -> None:
+        """Index vectors through `transform` from now on (the index is rebuilt on the next search)."""
+        with self.lock:
+            self.transform = transform
+            self._drop_index()
+
+    def _mapped(self, vectors: np.ndarray) -> np.ndarray:
         vectors = np.atleast_2d(vectors).astype(np.float32)
-        return self._projection(vectors) if self._projection is not None else vectors
-
-    def search_dim(self) -> int | None:
-        """Size of the vectors in the index: the projection's when there is one."""
-        return self._projection.dim if self._projection is not None else self.dim
+        return self.transform(vectors) if self.transform is not None else vectors
 
     def vectors(self) -> np.ndarray:
-        """Every stored vector, as given (what a projection is learned on)."""
+        """Every stored vector, as embedded (what a projection is learned on)."""
         with self.lock:
             blobs = [r[0] for r in self.db.execute("SELECT vector FROM images ORDER BY id")]
         return np.stack([np.frombuffer(b, dtype=np.float32) for b in blobs]) if blobs else np.zeros((0, self.dim or 0))
@@ -252,11 +278,8 @@ class LocalStore:
                     new_ids.append(cur.lastrowid)
                 self._drop_empty_products()
                 self._bump_generation()
-            if self._index is not None:
-                self._drop_from_index(replaced)
-                if self._index is not None:
-                    vectors = self._project(np.stack([r.vector for r in records]))
-                    self._index.add_with_ids(vectors, np.asarray(new_ids, dtype=np.int64))
+            self._unindex(replaced)
+            self._add_to_index(new_ids, [r.vector for r in records])
             return [self._path(k) for k in sorted(dropped)]
 
     def replace_vectors(self, vectors: dict[tuple[str, str], tuple[np.ndarray, str, dict | None]],
@@ -276,13 +299,9 @@ class LocalStore:
                 dim = next(iter(vectors.values()))[0].shape[-1] if vectors else self.dim
                 for key, value in {**meta, "dim": str(dim)}.items():
                     self._set_meta(key, value)
-                self.db.execute("DELETE FROM projection")
-                self._projection_version = str(int(self._projection_version or 0) + 1)
-                self._set_meta("projection_version", self._projection_version)
-                self._bump_generation()
+                self._write_projection(None)
             self.dim = dim
-            self._projection = None
-            self._index = None
+            self._drop_index()
 
     def claim(self, images: list[tuple[str, str]], source: str) -> None:
         """Record `source` as the owner of these (product_id, image) pairs, vectors untouched."""
@@ -306,7 +325,7 @@ class LocalStore:
                 self.db.executemany("DELETE FROM images WHERE id=?", [(i,) for i, _ in rows])
                 self._drop_empty_products()
                 self._bump_generation()
-            self._drop_from_index([i for i, _ in rows])
+            self._unindex([i for i, _ in rows])
             return [self._path(k) for _, k in rows]
 
     def _drop_empty_products(self) -> None:
@@ -325,13 +344,24 @@ class LocalStore:
                 [(json.dumps(m, sort_keys=True), p) for p, m in metadata.items()],
             )
 
-    def _drop_from_index(self, ids: list[int]) -> None:
-        if not ids or self._index is None:
+    def _unindex(self, ids) -> None:
+        if self._index is None or not len(ids):
             return
-        if isinstance(faiss.downcast_index(self._index.index), faiss.IndexFlat):
-            self._index.remove_ids(np.asarray(ids, dtype=np.int64))
-        else:
-            self._index = None  # HNSW cannot delete: rebuilt on the next search
+        ids = np.asarray(ids, dtype=np.int64)
+        self._index.remove(ids)
+        self._indexed = np.setdiff1d(self._indexed, ids)
+
+    def _add_to_index(self, ids: list[int], vectors: list[np.ndarray]) -> None:
+        if self._index is None or not ids:
+            return
+        ids = np.asarray(ids, dtype=np.int64)
+        self._index.add(ids, self._mapped(np.stack(vectors)))
+        self._indexed = np.union1d(self._indexed, ids)
+
+    def _drop_index(self) -> None:
+        if self._index is not None:
+            self._index.close()
+        self._index, self._indexed = None, np.zeros(0, dtype=np.int64)
 
     # -- reads --------------------------------------------------------------------------------
     def count(self) -> tuple[int, int]:
@@ -385,7 +415,9 @@ class LocalStore:
         return [(p, self._path(i)) for p, i in rows[::step][:n]]
 
     def index_kind(self) -> str:
-        return "hnsw" if self._count_images() >= self.hnsw_threshold else "exact"
+        """How the index searches (it is built if it was not yet)."""
+        with self.lock:
+            return self._ensure_index().kind
 
     def _count_images(self) -> int:
         with self.lock:
@@ -401,31 +433,22 @@ class LocalStore:
         return np.fromiter((r[0] for r in self.db.execute(q, params)), dtype=np.int64)
 
     def search(self, vector: np.ndarray, k: int, where: dict[str, str] | None = None) -> list[Hit]:
+        """Top-k images for a query vector (already mapped like the index's), optionally only of
+        products whose metadata match `where`."""
         with self.lock:
             self._catch_up()
             index = self._ensure_index()
-            if index.ntotal == 0 or k <= 0:
+            if index.count() == 0 or k <= 0:
                 return []
-            params = None
-            inner = faiss.downcast_index(index.index)
-            is_hnsw = isinstance(inner, faiss.IndexHNSW)
+            if vector.shape[-1] != self._index_dim:
+                raise VectorsChangedError("the catalog's vectors were rebuilt (tuned) during this search: search again")
+            allowed = None
             if where:
                 allowed = self._allowed_ids(where)
                 if allowed.size == 0:
                     return []
-                sel = faiss.IDSelectorBatch(allowed)
-                params = faiss.SearchParametersHNSW(sel=sel, efSearch=max(self.ef_search, k)) if is_hnsw \
-                    else faiss.SearchParameters(sel=sel)  # fmt: skip
-            elif is_hnsw:
-                params = faiss.SearchParametersHNSW(efSearch=max(self.ef_search, k))
-            query = self._project(vector.reshape(1, -1))
-            if query.shape[1] != index.d:
-                raise VectorsChangedError("the catalog's vectors were rebuilt (tuned) during this search: search again")
-            k = min(k, index.ntotal)
-            scores, ids = index.search(query, k, params=params)
-            pairs = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
-            if not pairs:
-                return []
+            ids, scores = index.search(vector.reshape(1, -1), k, allowed)
+            pairs = [(int(i), float(s)) for i, s in zip(ids, scores, strict=True)]
             rows = {}
             for chunk in _chunks([i for i, _ in pairs], 500):
                 q = f"SELECT id, product_id, image, crop, box FROM images WHERE id IN ({','.join('?' * len(chunk))})"
@@ -436,70 +459,43 @@ class LocalStore:
                 if i in rows
             ]
 
-    # -- the FAISS index ----------------------------------------------------------------------
-    def _index_path(self, generation: str) -> Path:
-        return self.directory / f"index-{generation}.faiss"
-
-    def _ensure_index(self) -> faiss.Index:
+    # -- the vector index ---------------------------------------------------------------------
+    def _ensure_index(self) -> VectorIndex:
+        """The index, opened (or rebuilt from SQLite, in one snapshot) when there is none."""
         if self._index is not None:
             return self._index
-        generation = self.get_meta("generation") or "0"
-        cached = self._index_path(generation)
-        if cached.exists():
-            try:
-                self._index = faiss.read_index(str(cached))
-                return self._index
-            except RuntimeError:
-                cached.unlink(missing_ok=True)
-        self._index = self._build_index()
-        return self._index
-
-    def _build_index(self) -> faiss.Index:
-        faiss.omp_set_num_threads(os.cpu_count() or 1)
-        try:
-            with _Transaction(self.db, write=False):  # one snapshot, even while another process writes
-                return self._fill_index()
-        finally:
-            faiss.omp_set_num_threads(1)
-
-    def _fill_index(self) -> faiss.Index:
-        n = self._count_images()
-        dim = self._projection.dim if self._projection is not None else (self.dim or 1)
-        if n >= self.hnsw_threshold:
-            inner = faiss.IndexHNSWFlat(dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-            inner.hnsw.efConstruction = self.ef_construction
-            inner.hnsw.efSearch = self.ef_search
-        else:
-            inner = faiss.IndexFlatIP(dim)
-        index = faiss.IndexIDMap2(inner)
-        batch_ids, batch_vecs = [], []
-        for i, blob in self.db.execute("SELECT id, vector FROM images ORDER BY id").fetchall():
-            batch_ids.append(i)
-            batch_vecs.append(np.frombuffer(blob, dtype=np.float32))
-            if len(batch_ids) == 20_000:
-                index.add_with_ids(self._project(np.stack(batch_vecs)), np.asarray(batch_ids, dtype=np.int64))
-                batch_ids, batch_vecs = [], []
-        if batch_ids:
-            index.add_with_ids(self._project(np.stack(batch_vecs)), np.asarray(batch_ids, dtype=np.int64))
+        with _Transaction(self.db, write=False):  # one snapshot, even while another process writes
+            generation = self.get_meta("generation") or "0"
+            ids = np.fromiter((r[0] for r in self.db.execute("SELECT id FROM images ORDER BY id")), dtype=np.int64)
+            first = self.db.execute("SELECT vector FROM images ORDER BY id LIMIT 1").fetchone()
+            dim = self._mapped(np.frombuffer(first[0], dtype=np.float32)).shape[1] if first else (self.dim or 1)
+            index = open_index(self.index_name, self.directory, dim, len(ids), generation, **self.index_options)
+            self._index, self._index_dim = index, dim
+            if index.count() == len(ids):  # it saved this generation's vectors
+                self._indexed = ids
+                return index
+            if index.count():  # what it saved is not what the database holds: start afresh
+                index.close()
+                index = self._index = open_index(self.index_name, self.directory, dim, len(ids), None,
+                                                 **self.index_options)  # fmt: skip
+            batch_ids, batch = [], []
+            for i, blob in self.db.execute("SELECT id, vector FROM images ORDER BY id"):
+                batch_ids.append(i)
+                batch.append(np.frombuffer(blob, dtype=np.float32))
+                if len(batch_ids) == 20_000:
+                    self._add_to_index(batch_ids, batch)
+                    batch_ids, batch = [], []
+            self._add_to_index(batch_ids, batch)
         return index
 
     def flush(self) -> None:
-        """Persist the index for a fast next open (only worth it for HNSW, which is slow to build)."""
+        """Let the index persist itself for a fast next open; the data is already durable."""
         with self.lock:
-            generation = self.get_meta("generation") or "0"
-            target = self._index_path(generation)
-            for old in self.directory.glob("index-*.faiss"):
-                if old != target:
-                    old.unlink(missing_ok=True)
-            if self.index_kind() != "hnsw" or target.exists():
-                return
-            index = self._ensure_index()
-            tmp = target.with_suffix(".tmp")
-            faiss.write_index(index, str(tmp))
-            tmp.replace(target)
+            self._ensure_index().save(self.get_meta("generation") or "0")
 
     def close(self) -> None:
         with self.lock:
+            self._drop_index()
             self.db.close()
 
 

@@ -1,0 +1,51 @@
+"""The interface every vector index backend implements, FiftyOne-style: vectors by integer id, nothing
+else. Records, metadata and the source of truth stay in SQLite (`catalog.py`); a backend can always be
+rebuilt from it, so it only adds, removes and searches."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from lookalike.errors import LookalikeError
+
+# name -> "module:factory"; the factory takes (directory, dim, expected, tag, **options)
+BACKENDS = {"local": "lookalike.index.local:LocalIndex"}
+
+
+class VectorIndex(Protocol):
+    kind: str  # how it searches, e.g. "exact" or "hnsw": shown by `lookalike info`
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Insert unit vectors under int64 ids (ids are never reused)."""
+
+    def remove(self, ids: np.ndarray) -> None:
+        """Forget these ids; unknown ones are ignored."""
+
+    def search(self, vector: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, inner products) of the k nearest, best first; `allowed`: only among these ids."""
+
+    def count(self) -> int:
+        """Vectors searchable now."""
+
+    def save(self, tag: str) -> None:
+        """Persist for a fast next open under this tag (the catalog's generation); may do nothing."""
+
+    def close(self) -> None: ...
+
+
+def open_index(name: str, directory: Path, dim: int, expected: int, tag: str | None, **options) -> VectorIndex:
+    """The backend `name`, for `expected` vectors of size `dim`. It may come back already holding the
+    vectors it saved under `tag` (None: start empty); the caller fills it from SQLite when its count
+    says otherwise."""
+    if name not in BACKENDS:
+        raise LookalikeError(f"index backend {name!r}: expected one of {', '.join(BACKENDS)}")
+    module, factory = BACKENDS[name].split(":")
+    try:
+        cls = getattr(importlib.import_module(module), factory)
+    except ImportError as e:
+        raise LookalikeError(f"the {name} index backend needs {e.name}: pip install 'lookalike[{name}]'") from None
+    return cls(directory, dim, expected, tag, **options)
