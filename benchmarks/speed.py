@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from lookalike import Catalog
-from lookalike.sources import Item
 from lookalike.catalog import CatalogDB
+from lookalike.sources import Item
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = Path(os.environ.get("LOOKALIKE_DATASETS", ROOT.parent / "shared" / "datasets")).resolve()

@@ -29,8 +29,8 @@ import numpy as np
 from PIL import Image
 from suites import OUT, suites
 
-from lookalike.eval import read_labels, retrieval_metrics, run_parallel, safely
-from lookalike.pipeline import Encoder, PipelineConfig
+from lookalike.eval import read_labels, retrieval_metrics
+from lookalike.pipeline import Photos, PipelineConfig
 from lookalike.ranking import rank_labels
 from lookalike.tune import _export, _modules, _torch, options_from_text, train, trunk_views
 
@@ -43,15 +43,11 @@ def crops(rows: list[dict], size: int) -> np.ndarray:
     path = LAB / f"crops-{len(rows)}-{size}.npy"
     if path.exists():
         return np.load(path, mmap_mode="r")
-    encoder = Encoder(PipelineConfig(), threads=1)
-    one = safely(lambda r: encoder.crop(encoder.decode(encoder.read(r["__path__"]), r["__path__"])).image)
+    images, kept, failed = Photos(PipelineConfig()).crops([r["__path__"] for r in rows])
+    assert not failed and len(kept) == len(rows), failed
     out = np.zeros((len(rows), size, size, 3), np.uint8)
-    i = 0
-    for batch in run_parallel(one, rows, 2):
-        for _, img in batch:
-            assert not isinstance(img, str), img
-            out[i] = np.asarray(img.convert("RGB").resize((size, size), Image.BILINEAR))
-            i += 1
+    for i, img in enumerate(images):
+        out[i] = np.asarray(img.convert("RGB").resize((size, size), Image.BILINEAR))
     LAB.mkdir(parents=True, exist_ok=True)
     np.save(path, out)
     return out

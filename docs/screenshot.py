@@ -1,7 +1,7 @@
 """Make docs/app.png: the web app after an upload, on the CC0 `clothing_small_shoes` photos only
 (the other datasets may not be redistributed, so they never appear in the repository).
 
-    "$(bin/setup)/bin/python" docs/screenshot.py
+    bin/python docs/screenshot.py
 """
 
 from __future__ import annotations

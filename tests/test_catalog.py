@@ -221,7 +221,8 @@ def test_a_second_backend_is_one_registry_entry(tmp_path, monkeypatch):
     for q in vecs[:5]:
         assert [h.image for h in store.search(q, 7)] == [h.image for h in reference.search(q, 7)]
         assert [h.image for h in store.search(q, 7, {"brand": "NIKE"})] == [
-            h.image for h in reference.search(q, 7, {"brand": "NIKE"})]
+            h.image for h in reference.search(q, 7, {"brand": "NIKE"})
+        ]
     from lookalike import Catalog
 
     with pytest.raises(LookalikeError, match="index backend 'nope': expected one of local, numpy"):

@@ -1,4 +1,4 @@
-"""The `lookalike` command line. Calls the pipeline (and `models` for set-up) only."""
+"""The `lookalike` command line. Calls the pipeline only."""
 
 from __future__ import annotations
 
@@ -8,9 +8,17 @@ import os
 import sys
 from pathlib import Path
 
-from lookalike import models
 from lookalike.errors import LookalikeError
-from lookalike.pipeline import DEFAULT_RANK, RANKS, Catalog, PipelineConfig, parse_box
+from lookalike.pipeline import (
+    DEFAULT_RANK,
+    PULL_HINT,
+    RANKS,
+    Catalog,
+    PipelineConfig,
+    check_models,
+    parse_box,
+    pull_models,
+)
 
 EXIT_ERROR = 2  # nothing was done: the message says why
 EXIT_SKIPPED = 3  # `index` finished, but some inputs were skipped (each one named on stderr)
@@ -30,8 +38,8 @@ def _where(pairs: list[str]) -> dict[str, str] | None:
 class Bars:
     """Progress bars with an ETA on stderr, one per stage of a long job: the one progress adapter."""
 
-    def __init__(self, quiet: bool = False):
-        self.quiet, self.bar, self.stage = quiet, None, None
+    def __init__(self, quiet: bool = False, unit: str = "img"):
+        self.quiet, self.unit, self.bar, self.stage = quiet, unit, None, None
 
     def __call__(self, stage: str, done: int, total: int | None) -> None:
         from tqdm import tqdm
@@ -39,13 +47,10 @@ class Bars:
         if stage != self.stage:
             self.close()
             self.stage = stage
-            self.bar = tqdm(total=total, desc=stage, unit="step" if stage == "training" else "img",
+            self.bar = tqdm(total=total, desc=stage, unit="step" if stage == "training" else self.unit,
                             disable=self.quiet or None, file=sys.stderr)  # fmt: skip
         self.bar.total = total
         self.bar.update(done - self.bar.n)
-
-    def stage_of(self, stage: str):
-        return lambda done, total: self(stage, done, total)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -59,7 +64,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     config = PipelineConfig().with_options(options) if options else None
     with Catalog.open(args.catalog, config=config, create=True, threads=args.threads) as cat:
         bars = Bars(args.quiet)
-        report = cat.index(args.source, progress=bars.stage_of("indexing"), prune=not args.keep_missing,
+        report = cat.index(args.source, progress=bars, prune=not args.keep_missing,
                            dry_run=args.dry_run)  # fmt: skip
         bars.close()
         for where, message in report.warnings:
@@ -202,7 +207,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         options = {"whiten": "0", **options, "embedder": str(model)}
     result = evaluate(
         labels, root, args.label, args.query, args.gallery, options, threads=args.threads, cache_path=cache,
-        progress=bars.stage_of("embedding"), image_column=args.image_column,
+        progress=bars, image_column=args.image_column,
     )  # fmt: skip
     bars.close()
     for where, reason in result.failed:
@@ -216,16 +221,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     if args.action == "pull":
         tgz = Path(args.objectron_tgz) if args.objectron_tgz else None
-        for path in models.pull(force=args.force, objectron_tgz=tgz):
+        bars = Bars(unit="step")
+        paths = pull_models(force=args.force, objectron_tgz=tgz, progress=bars)
+        bars.close()
+        for path in paths:
             print(f"ok {path}")
         return 0
     bad = 0
-    for name in (models.DETECTOR, models.EMBEDDER):
-        status = models.check(name)
+    for status in check_models():
         print(f"{'ok' if status.ok else 'MISSING'} {status.path} ({status.reason})")
         bad += not status.ok
     if bad:
-        print(models.PULL_HINT, file=sys.stderr)
+        print(PULL_HINT, file=sys.stderr)
     return 1 if bad else 0
 
 

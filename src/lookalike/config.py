@@ -30,8 +30,11 @@ class ConfigError(LookalikeError):
 
 
 def _number(option: str, value: object, kind: type, low: float, high: float, expected: str) -> None:
-    ok = isinstance(value, kind) and not isinstance(value, bool) if kind is int else (
-        isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value))
+    ok = (
+        isinstance(value, kind) and not isinstance(value, bool)
+        if kind is int
+        else (isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value))
+    )
     if not ok or not low <= value <= high:
         raise ConfigError(option, value, expected)
 
@@ -58,8 +61,11 @@ class CropConfig:
         _number("crop.margin", self.margin, float, 0.0, 1.0, "a number from 0 to 1")
         _number("crop.white_level", self.white_level, int, 1, 255, "a whole number from 1 to 255")
         color = tuple(self.pad_color) if isinstance(self.pad_color, list | tuple) else self.pad_color
-        if not (isinstance(color, tuple) and len(color) == 3
-                and all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in color)):
+        if not (
+            isinstance(color, tuple)
+            and len(color) == 3
+            and all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in color)
+        ):
             raise ConfigError("crop.pad_color", self.pad_color, "three whole numbers from 0 to 255, e.g. 255,255,255")
         object.__setattr__(self, "pad_color", color)
 
@@ -90,11 +96,9 @@ class PipelineConfig:
             if value is not None and not (isinstance(value, str) and value.strip()):
                 raise ConfigError(name, value, "the path of an ONNX model file, or none for the default")
         if self.embed_size != 0:
-            _number("embed_size", self.embed_size, int, 32, 1024, "0 (the model's size) or a multiple of 32 "
-                    "up to 1024")
+            _number("embed_size", self.embed_size, int, 32, 1024, "0 (the model's size) or a multiple of 32 up to 1024")
             if self.embed_size % 32:
-                raise ConfigError("embed_size", self.embed_size, "0 (the model's size) or a multiple of 32 "
-                                  "up to 1024")
+                raise ConfigError("embed_size", self.embed_size, "0 (the model's size) or a multiple of 32 up to 1024")
         _choice("pooling", self.pooling, Pooling)
         _number("gem_p", self.gem_p, float, 1.0, 20.0, "a number from 1 to 20")
         if not isinstance(self.flip, bool):
@@ -168,8 +172,14 @@ def _parse_option(key: str, text: str, current: object) -> object:
         if isinstance(current, tuple | list):
             return tuple(int(v) for v in text.split(","))
     except ValueError:
-        kind = "true or false" if isinstance(current, bool) else (
-            "three whole numbers, e.g. 255,255,255" if isinstance(current, tuple) else
-            f"a {'whole number' if isinstance(current, int) else 'number'}")
+        kind = (
+            "true or false"
+            if isinstance(current, bool)
+            else (
+                "three whole numbers, e.g. 255,255,255"
+                if isinstance(current, tuple)
+                else f"a {'whole number' if isinstance(current, int) else 'number'}"
+            )
+        )
         raise ConfigError(key, text, kind) from None
     return text

@@ -112,3 +112,14 @@ class Whitening:
 
     def __call__(self, vectors: np.ndarray) -> np.ndarray:
         return l2_normalize((np.atleast_2d(vectors) - self.mean) @ self.matrix)
+
+
+WHITEN_MIN_IMAGES = 100  # below this a catalog is searched with raw vectors
+WHITEN_REFIT_CHANGE = 0.2  # refit when the catalog's size changed by this fraction
+
+
+def learn_whitening(config, vectors: np.ndarray) -> Whitening | None:
+    """The projection a catalog with these vectors uses: None when off or too few images."""
+    if not config.whiten or len(vectors) < WHITEN_MIN_IMAGES:
+        return None
+    return Whitening.fit(vectors, config.whiten, config.whiten_power)

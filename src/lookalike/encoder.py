@@ -18,23 +18,18 @@ from lookalike import models
 from lookalike.config import PipelineConfig
 from lookalike.crop import Crop, choose_crop
 from lookalike.detect import Box, load_detector
-from lookalike.embed import Embedder, Whitening, l2_normalize
+from lookalike.embed import Embedder, l2_normalize
 from lookalike.errors import BadImageError, LookalikeError
-from lookalike.images import DEFAULT_LIMITS, ImageSource, Limits, decode, read_bytes
+from lookalike.images import DEFAULT_LIMITS, ImageSource, Limits, Photo, read_photo
 
 BATCH = 64
-Progress = Callable[[int, int | None], None]
+Progress = Callable[[int, int | None], None]  # (done, total) of one stage
+StageProgress = Callable[[str, int, "int | None"], None]  # (stage, done, total): long jobs with several stages
 
 
-WHITEN_MIN_IMAGES = 100  # below this a catalog is searched with raw vectors
-WHITEN_REFIT_CHANGE = 0.2  # refit when the catalog's size changed by this fraction
-
-
-def learn_whitening(config: PipelineConfig, vectors: np.ndarray) -> Whitening | None:
-    """The projection a catalog with these vectors uses: None when off or too few images."""
-    if not config.whiten or len(vectors) < WHITEN_MIN_IMAGES:
-        return None
-    return Whitening.fit(vectors, config.whiten, config.whiten_power)
+def stage(progress: StageProgress | None, name: str) -> Progress | None:
+    """One stage's view of a several-stage progress callback (the one adapter between the two)."""
+    return (lambda done, total: progress(name, done, total)) if progress else None
 
 
 class Models:
@@ -108,15 +103,18 @@ class Encoder:
         self.models = Models(config, threads)
         self.limits = limits
 
-    def read(self, source: ImageSource) -> bytes:
-        return read_bytes(source, self.limits)
+    def photo(self, source: ImageSource) -> Photo:
+        return read_photo(source, self.limits)
 
-    def decode(self, data: bytes, name: str = "<bytes>") -> Image.Image:
-        return decode(data, name, self.limits)
+    def image(self, photo: Photo) -> Image.Image:
+        return photo.image(self.limits)
+
+    def load(self, source: ImageSource) -> Image.Image:
+        return self.image(self.photo(source))
 
     @property
     def uses_boxes(self) -> bool:
-        return self.config.crop.strategy in ("union", "best")
+        return self.config.crop.uses_boxes
 
     def detect(self, img: Image.Image) -> list[Box]:
         return self.models.detector(img)

@@ -10,11 +10,7 @@ configurations only computes what changed; detections are cached per image and d
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
-import os
-import sqlite3
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from lookalike.errors import LookalikeError
-from lookalike.pipeline import Box, Encoder, PipelineConfig, Progress, learn_whitening, run_parallel, safely
-from lookalike.ranking import rank_labels
+from lookalike.pipeline import Photos, PipelineConfig, StageProgress, default_cache, rank_products
 
 KS = (1, 5, 10)
 # eval-only options, applied to the ranking (query expansion)
@@ -104,49 +99,6 @@ def query_expansion(qv: np.ndarray, gv: np.ndarray, sim: np.ndarray, n: int, alp
     return expanded / np.maximum(np.linalg.norm(expanded, axis=1, keepdims=True), 1e-12)
 
 
-# -- the cache --------------------------------------------------------------------------------
-class VectorCache:
-    """SQLite: vectors by (image sha256, configuration hash), boxes by (image sha256, detector)."""
-
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute(
-            "CREATE TABLE IF NOT EXISTS vectors (sha TEXT, config TEXT, vector BLOB, PRIMARY KEY (sha, config))"
-        )
-        self.db.execute(
-            "CREATE TABLE IF NOT EXISTS boxes (sha TEXT, detector TEXT, boxes TEXT, PRIMARY KEY (sha, detector))"
-        )
-        self.lock = threading.Lock()
-
-    def vector(self, sha: str, config: str) -> np.ndarray | None:
-        with self.lock:
-            row = self.db.execute("SELECT vector FROM vectors WHERE sha=? AND config=?", (sha, config)).fetchone()
-        return np.frombuffer(row[0], dtype=np.float32) if row else None
-
-    def put_vector(self, sha: str, config: str, vector: np.ndarray) -> None:
-        with self.lock:
-            self.db.execute(
-                "INSERT OR REPLACE INTO vectors VALUES (?,?,?)", (sha, config, vector.astype(np.float32).tobytes())
-            )
-
-    def boxes(self, sha: str, detector: str) -> list[Box] | None:
-        with self.lock:
-            row = self.db.execute("SELECT boxes FROM boxes WHERE sha=? AND detector=?", (sha, detector)).fetchone()
-        return [Box.from_dict(b) for b in json.loads(row[0])] if row else None
-
-    def put_boxes(self, sha: str, detector: str, boxes: list[Box]) -> None:
-        with self.lock:
-            self.db.execute(
-                "INSERT OR REPLACE INTO boxes VALUES (?,?,?)", (sha, detector, json.dumps([b.to_dict() for b in boxes]))
-            )
-
-
-def default_cache() -> Path:
-    return Path(os.environ.get("LOOKALIKE_EVAL_CACHE", Path.home() / ".cache" / "lookalike" / "eval.db"))
-
-
 # -- the evaluation ---------------------------------------------------------------------------
 @dataclass
 class EvalResult:
@@ -163,50 +115,15 @@ def split_options(options: dict[str, str]) -> tuple[dict[str, str], dict[str, fl
     return {k: v for k, v in options.items() if k not in POST_OPTIONS}, {**POST_OPTIONS, **post}
 
 
-def embed_rows(rows: list[dict], encoder: Encoder, cache: VectorCache, threads: int = 2,
-               progress: Progress | None = None) -> tuple[np.ndarray, list[tuple[str, str]]]:  # fmt: skip
-    """Vectors for rows (NaN rows where the image failed), through the cache."""
-    config_key, detector_key = encoder.fingerprints()
-
-    def one(row: dict) -> np.ndarray:
-        data = encoder.read(row["__path__"])
-        sha = hashlib.sha256(data).hexdigest()
-        cached = cache.vector(sha, config_key)
-        if cached is not None:
-            return cached
-        img = encoder.decode(data, row["__path__"])
-        boxes = None
-        if encoder.uses_boxes:
-            boxes = cache.boxes(sha, detector_key)
-            if boxes is None:
-                boxes = encoder.detect(img)
-                cache.put_boxes(sha, detector_key, boxes)
-        vector = encoder.encode(img, boxes=boxes).vector
-        cache.put_vector(sha, config_key, vector)
-        return vector
-
-    vectors: list[np.ndarray | None] = []
-    failed = []
-    for batch in run_parallel(safely(one), rows, threads, progress):
-        for row, out in batch:
-            if isinstance(out, str):
-                failed.append((row["__path__"], out))
-                vectors.append(None)
-            else:
-                vectors.append(out)
-    dim = next((v.shape[0] for v in vectors if v is not None), 1)
-    return np.stack([v if v is not None else np.full(dim, np.nan, np.float32) for v in vectors]), failed
-
-
 def evaluate(labels: Path, root: Path, label: str, query: str | None = None, gallery: str | None = None,
              options: dict[str, str] | None = None, threads: int = 2, cache_path: Path | None = None,
-             progress: Progress | None = None, image_column: str = "file") -> EvalResult:  # fmt: skip
+             progress: StageProgress | None = None, image_column: str = "file") -> EvalResult:  # fmt: skip
     """Index the gallery rows, search with the query rows, measure. With neither selection: leave-one-out."""
     rows = read_labels(labels, root, label, image_column)
     pipeline_options, post = split_options(options or {})
     config = PipelineConfig().with_options(pipeline_options)
-    encoder = Encoder(config, threads=1)
-    vectors, failed = embed_rows(rows, encoder, VectorCache(cache_path or default_cache()), threads, progress)
+    photos = Photos(config, threads, cache_path or default_cache())
+    vectors, failed = photos.vectors([r["__path__"] for r in rows], progress)
     ok = ~np.isnan(vectors).any(axis=1)
     in_query = np.array([parse_where(query)(r) if query else True for r in rows]) & ok
     in_gallery = np.array([parse_where(gallery)(r) if gallery else True for r in rows]) & ok
@@ -215,7 +132,7 @@ def evaluate(labels: Path, root: Path, label: str, query: str | None = None, gal
     if len(qi) == 0 or len(gi) == 0:
         raise LookalikeError(f"no {'query' if len(qi) == 0 else 'gallery'} images selected")
     qv, gv = vectors[qi], vectors[gi]
-    whitening = learn_whitening(config, gv)  # learned on the gallery, as a catalog learns it on itself
+    whitening = photos.learn_projection(gv)  # learned on the gallery, as a catalog learns it on itself
     if whitening is not None:
         qv, gv = whitening(qv), whitening(gv)
     sim = qv @ gv.T
@@ -226,50 +143,24 @@ def evaluate(labels: Path, root: Path, label: str, query: str | None = None, gal
         sim[qi[:, None] == gi[None, :]] = -np.inf
     q_labels, g_labels = [rows[i][label] for i in qi], [rows[i][label] for i in gi]
     if post["rank"] != "image":
-        sim, g_labels = rank_labels(sim, g_labels, str(post["rank"]))
+        sim, g_labels = rank_products(sim, g_labels, str(post["rank"]))
     metrics = retrieval_metrics(sim, q_labels, g_labels)
     metrics["gallery"] = int(len(gi))
     return EvalResult(metrics, {**json.loads(config.to_json()), **post}, failed)
 
 
 def tune_on_rows(labels: Path, root: Path, label: str, rows_selection: str | None, tune_options: dict[str, str],
-                 options: dict[str, str] | None = None, threads: int = 2, progress=None,
+                 options: dict[str, str] | None = None, threads: int = 2, progress: StageProgress | None = None,
                  image_column: str = "file", cache_path: Path | None = None) -> tuple[Path, dict]:  # fmt: skip
     """Tune an embedder on the selected rows only (what a shop's catalog would hold), with `label` as
     the product id. The model is cached under the eval cache's folder, keyed by the rows' image
     contents, labels and all options, so comparing configurations tunes once."""
-    from dataclasses import asdict
-
-    from lookalike.tune import options_from_text, tune_model
-
     rows = [r for r in read_labels(labels, root, label, image_column) if r[label] != ""]
     if rows_selection:
         rows = [r for r in rows if parse_where(rows_selection)(r)]
-    config = PipelineConfig().with_options(split_options(options or {})[0])
-    tune = options_from_text(tune_options, size=config.embed_size or 288)
-    encoder = Encoder(config, threads=1)
-    key = hashlib.sha256(json.dumps([asdict(tune), encoder.fingerprints(), config.to_json()]).encode())
-    for row in rows:  # what the model depends on: the photos' contents and labels, the options, the models
-        try:
-            key.update(f"{hashlib.sha256(encoder.read(row['__path__'])).hexdigest()}|{row[label]}|".encode())
-        except LookalikeError:
-            key.update(f"unreadable {row['__path__']}|".encode())
-    path = (cache_path or default_cache()).parent / "tuned" / f"tuned-{key.hexdigest()[:16]}.onnx"
-    if path.exists():
-        return path, {"cached": True}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    crops, names, failed = [], [], []
-    crop = safely(lambda r: encoder.crop(encoder.decode(encoder.read(r["__path__"]), r["__path__"])))
-    stage = (lambda done, total: progress("crops", done, total)) if progress else None
-    for batch in run_parallel(crop, rows, threads, stage):
-        for row, out in batch:
-            if isinstance(out, str):
-                failed.append((row["__path__"], out))
-            else:
-                crops.append(out.image)
-                names.append(row[label])
-    report = tune_model(crops, names, path, tune, progress, threads)
-    return path, {**asdict(report), "failed": len(failed)}
+    photos = Photos(PipelineConfig().with_options(split_options(options or {})[0]), threads)
+    folder = (cache_path or default_cache()).parent / "tuned"
+    return photos.tune([r["__path__"] for r in rows], [r[label] for r in rows], tune_options, folder, progress)
 
 
 def format_table(result: EvalResult) -> str:

@@ -10,6 +10,7 @@ size and time limits.
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import ipaddress
 import os
@@ -159,8 +160,26 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+@dataclass(frozen=True)
+class Photo:
+    """An input's bytes, read once, with their content hash (what catalogs and caches key on)."""
+
+    name: str
+    data: bytes
+    sha256: str
+
+    def image(self, limits: Limits = DEFAULT_LIMITS) -> Image.Image:
+        return decode(self.data, self.name, limits)
+
+
+def read_photo(source: ImageSource, limits: Limits = DEFAULT_LIMITS) -> Photo:
+    """The one read -> hash step: a path, a guarded URL or bytes, within the limits."""
+    data = read_bytes(source, limits)
+    return Photo(describe(source), data, hashlib.sha256(data).hexdigest())
+
+
 def load_image(source: ImageSource, limits: Limits = DEFAULT_LIMITS) -> Image.Image:
-    return decode(read_bytes(source, limits), describe(source), limits)
+    return read_photo(source, limits).image(limits)
 
 
 NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))

@@ -7,14 +7,17 @@ onnx and tflite2onnx are imported here, inside `pull`, and nowhere else.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,18 +97,64 @@ def resolve(name: str, directory: Path | None = None) -> Path:
     return status.path
 
 
-def pull(directory: Path | None = None, force: bool = False, objectron_tgz: Path | None = None) -> list[Path]:
-    """Build both default model files into the cache; skips those already there and valid."""
+def pull(directory: Path | None = None, force: bool = False, objectron_tgz: Path | None = None,
+         progress: Callable[[str, int, int | None], None] | None = None) -> list[Path]:  # fmt: skip
+    """Build both default model files into the cache; skips those already there and valid. The
+    converters' own output (thousands of lines of warnings) is kept out of sight: `progress(model, step,
+    steps)` reports instead, and a failure shows the converter's last lines."""
     directory = directory or model_dir()
     directory.mkdir(parents=True, exist_ok=True)
     done = []
-    if force or not check(DETECTOR, directory).ok:
-        _pull_detector(directory, objectron_tgz)
-    done.append(directory / DETECTOR)
-    if force or not check(EMBEDDER, directory).ok:
-        _pull_embedder(directory)
-    done.append(directory / EMBEDDER)
+    for name, build in ((DETECTOR, lambda step: _pull_detector(directory, objectron_tgz, step)),
+                        (EMBEDDER, lambda step: _pull_embedder(directory, step))):  # fmt: skip
+        if force or not check(name, directory).ok:
+            label = name.removesuffix(".onnx")
+
+            def step(n: int, label: str = label) -> None:
+                if progress:
+                    progress(label, n, PULL_STEPS)
+
+            step(0)
+            with _quietly(label):
+                build(step)
+            step(PULL_STEPS)
+        done.append(directory / name)
     return done
+
+
+PULL_STEPS = 3  # fetch, convert, check and record
+
+
+@contextlib.contextmanager
+def _quietly(what: str):
+    """Run converters with their stdout/stderr (C++ and Python, hence at the file-descriptor level),
+    warnings and logging sent to a temporary file, shown only when they fail."""
+    import logging
+    import warnings
+
+    sys.stdout.flush(), sys.stderr.flush()
+    with tempfile.TemporaryFile("w+") as log, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        saved = os.dup(1), os.dup(2)
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)
+        os.dup2(log.fileno(), 1), os.dup2(log.fileno(), 2)
+        try:
+            yield
+        except Exception as e:
+            sys.stdout.flush(), sys.stderr.flush()
+            log.seek(0)
+            tail = log.read()[-1500:].strip()
+            if isinstance(e, LookalikeError):
+                raise
+            raise LookalikeError(f"converting the {what} model failed ({type(e).__name__}: {e}); "
+                                 f"the converter said: {tail or 'nothing'}") from None  # fmt: skip
+        finally:
+            sys.stdout.flush(), sys.stderr.flush()
+            os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+            os.close(saved[0]), os.close(saved[1])
+            root.setLevel(level)
 
 
 def _record(directory: Path, name: str) -> None:
@@ -130,7 +179,7 @@ def _npm_pack(workdir: Path) -> Path:
     return tgz[0]
 
 
-def _pull_detector(directory: Path, objectron_tgz: Path | None) -> None:
+def _pull_detector(directory: Path, objectron_tgz: Path | None, step: Callable[[int], None]) -> None:
     import onnx
     import tflite2onnx
 
@@ -147,6 +196,7 @@ def _pull_detector(directory: Path, objectron_tgz: Path | None) -> None:
         if hashlib.sha256(tflite).hexdigest() != SSD_TFLITE_SHA256:
             raise LookalikeError(f"the SSD model inside {tgz} does not match its known sha256")
         (workdir / "ssd.tflite").write_bytes(tflite)
+        step(1)
         tflite2onnx.convert(str(workdir / "ssd.tflite"), str(workdir / "ssd.onnx"))
         model = onnx.load(str(workdir / "ssd.onnx"))
         meta = {
@@ -157,6 +207,7 @@ def _pull_detector(directory: Path, objectron_tgz: Path | None) -> None:
         }
         for key, value in meta.items():
             onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, key: value})
+        step(2)
         tmp_out = directory / (DETECTOR + ".tmp")
         onnx.save(model, str(tmp_out))
         os.replace(tmp_out, directory / DETECTOR)
@@ -182,11 +233,12 @@ def load_lite0_torch():
     return net.eval()
 
 
-def _pull_embedder(directory: Path) -> None:
+def _pull_embedder(directory: Path, step: Callable[[int], None]) -> None:
     import onnx
     import torch
 
     net = load_lite0_torch()
+    step(1)
 
     class FeatureMap(torch.nn.Module):
         """Export the last feature map, so pooling is a choice made at run time."""
@@ -211,6 +263,7 @@ def _pull_embedder(directory: Path) -> None:
             opset_version=17,
             dynamo=False,
         )
+    step(2)
     model = onnx.load(str(tmp_out))
     onnx.helper.set_model_props(
         model,

