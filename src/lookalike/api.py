@@ -29,7 +29,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lookalike.errors import LookalikeError, ModelMissingError
-from lookalike.pipeline import DEFAULT_RANK, RANKS, Catalog, Limits, parse_box
+from lookalike.pipeline import DEFAULT_RANK, RANKS, Catalog, Limits, SearchResult, parse_box
 
 MAX_K = 100
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
@@ -98,25 +98,6 @@ class SearchRequest(BaseModel):
     rank: Literal[RANKS] = Field(  # type: ignore[valid-type]
         DEFAULT_RANK, description="a product's score: its best image, or the mean of its best 2 or 3"
     )
-
-
-class QueryModel(BaseModel):
-    boxes: list[BoxModel]
-    box_used: BoxModel | None
-    crop: str
-    took_ms: float
-
-
-class MatchModel(BaseModel):
-    product_id: str
-    score: float
-    image: str
-    metadata: dict[str, Any]
-
-
-class SearchResponse(BaseModel):
-    query: QueryModel
-    results: list[MatchModel]
 
 
 class ProductImage(BaseModel):
@@ -466,7 +447,7 @@ def create_app(catalog_dir: str | Path, settings: ApiSettings | None = None) -> 
         finally:
             url_slots.release()
 
-    @app.post("/search", response_model=SearchResponse, responses=ERRORS, openapi_extra=SEARCH_BODY,
+    @app.post("/search", response_model=SearchResult, responses=ERRORS, openapi_extra=SEARCH_BODY,
               dependencies=read_deps)  # fmt: skip
     async def search(request: Request) -> Any:
         """Search with an uploaded photo (multipart field `image`) or a photo URL (JSON `url`)."""

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -40,12 +41,14 @@ __all__ = [
 ]  # fmt: skip
 
 
+# The results of a search: what the Python API returns, `--json` prints and the REST API answers
+# (FastAPI documents and checks these dataclasses as they are: one set of response models).
 @dataclass
 class Match:
     product_id: str
     score: float
     image: str
-    metadata: dict
+    metadata: dict[str, Any]
 
     def to_dict(self) -> dict:
         return {"product_id": self.product_id, "score": round(self.score, 6), "image": self.image,
