@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import shutil
 import threading
+from dataclasses import replace
 
 import pytest
 from fastapi.testclient import TestClient
 
 from lookalike import Catalog
 from lookalike.api import ApiSettings, create_app
+from lookalike.api.settings import API_LIMITS
 
 TOKEN = "test-token-123"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -25,7 +27,9 @@ def api_catalog(tmp_path_factory, branded_catalog):
 
 @pytest.fixture(scope="module")
 def client(api_catalog):
-    with TestClient(create_app(api_catalog, ApiSettings(token=TOKEN, max_upload_bytes=2_000_000))) as c:
+    with TestClient(
+        create_app(api_catalog, ApiSettings(token=TOKEN, limits=replace(API_LIMITS, max_bytes=2_000_000)))
+    ) as c:
         yield c
 
 
