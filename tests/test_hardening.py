@@ -170,10 +170,10 @@ def test_local_reads_are_bounded(tmp_path):
 def test_bad_boxes_are_refused(branded_catalog, box):
     with Catalog.open(branded_catalog) as cat:
         image = cat.examples(1)[0][1]
-        from lookalike.pipeline import parse_box
+        from lookalike.pipeline import BoxChoice
 
         with pytest.raises(LookalikeError, match="box"):
-            cat.search(image, box=parse_box(box))
+            cat.search(image, box=BoxChoice.parse(box))
 
 
 # -- point 9: the SSRF guard decides "public unicast", IPv6 forms included -------------------------

@@ -15,7 +15,7 @@ import streamlit as st
 from PIL import Image, ImageDraw, ImageFont
 
 from lookalike.errors import LookalikeError
-from lookalike.pipeline import Box, Catalog, Query, SearchResult
+from lookalike.pipeline import Box, BoxChoice, Catalog, Query, SearchResult
 
 AUTO, WHOLE, OWN = "Automatic (the pair / best box)", "Whole image", "My own box"
 COLUMNS = 4
@@ -98,7 +98,7 @@ def query_inputs(cat: Catalog) -> None:
                     set_query(cat, image, image)
 
 
-def box_choice(query: Query) -> int | str | dict | None:
+def box_choice(query: Query) -> BoxChoice:
     options = [AUTO] + [f"Box {n}: {b.label} {b.score:.2f}" for n, b in enumerate(query.boxes, 1)] + [WHOLE, OWN]
     if not query.boxes:
         st.info("No shoe was detected: searching the non-white area, the whole image, or a box you draw.")
@@ -108,9 +108,9 @@ def box_choice(query: Query) -> int | str | dict | None:
             st.session_state.pop(key, None)
     choice = st.radio("Search with", options, key="box_choice", horizontal=True)
     if choice == AUTO:
-        return None
+        return BoxChoice()
     if choice == WHOLE:
-        return "whole"
+        return BoxChoice.whole()
     if choice == OWN:
         w, h = query.image.size
         c1, c2, c3, c4 = st.columns(4)
@@ -118,8 +118,8 @@ def box_choice(query: Query) -> int | str | dict | None:
         y1 = c2.number_input("top", 0, h - 1, 0, key="own_y1")
         x2 = c3.number_input("right", 1, w, w, key="own_x2")
         y2 = c4.number_input("bottom", 1, h, h, key="own_y2")
-        return {"x1": x1, "y1": y1, "x2": x2, "y2": y2, "label": "manual", "score": 1.0}
-    return options.index(choice) - 1
+        return BoxChoice.manual(x1, y1, x2, y2)
+    return BoxChoice.detected(options.index(choice) - 1)
 
 
 def filters(cat: Catalog) -> dict[str, str] | None:

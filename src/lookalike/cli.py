@@ -13,10 +13,10 @@ from lookalike.pipeline import (
     DEFAULT_RANK,
     PULL_HINT,
     RANKS,
+    BoxChoice,
     Catalog,
     PipelineConfig,
     check_models,
-    parse_box,
     pull_models,
 )
 
@@ -95,7 +95,9 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     with Catalog.open(args.catalog, threads=args.threads) as cat:
-        result = cat.search(args.image, k=args.k, where=_where(args.where), box=parse_box(args.box), rank=args.rank)
+        result = cat.search(
+            args.image, k=args.k, where=_where(args.where), box=BoxChoice.parse(args.box), rank=args.rank
+        )
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0

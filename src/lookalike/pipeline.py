@@ -6,18 +6,17 @@ The faces (CLI, web app, API, eval) use `Catalog` (and the names re-exported her
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from lookalike import models
+from lookalike.boxes import BoxChoice
 from lookalike.catalog import CatalogDB, ImageRecord
 from lookalike.config import PipelineConfig
 from lookalike.detect import Box
@@ -28,6 +27,7 @@ from lookalike.images import DEFAULT_LIMITS, ImageSource, Limits
 from lookalike.index import BACKENDS
 from lookalike.offline import Photos, default_cache, rank_products
 from lookalike.ranking import RANKS, check_rank, product_score
+from lookalike.results import IndexReport, Match, QueryInfo, SearchResult
 from lookalike.sources import Item, SourceProblem, iter_source, source_id
 
 DEFAULT_RANK = "best"  # chosen on the benchmark suites (BENCHMARKS.md)
@@ -37,77 +37,8 @@ DEFAULT_RANK = "best"  # chosen on the benchmark suites (BENCHMARKS.md)
 __all__ = [
     "DEFAULT_RANK", "Box", "Catalog", "IndexReport", "Item", "Limits", "Match", "Photos", "PipelineConfig",
     "Progress", "Query", "QueryInfo", "RANKS", "SearchResult", "StageProgress", "check_models", "default_cache",
-    "parse_box", "PULL_HINT", "pull_models", "rank_products",
+    "BoxChoice", "PULL_HINT", "pull_models", "rank_products",
 ]  # fmt: skip
-
-
-# The results of a search: what the Python API returns, `--json` prints and the REST API answers
-# (FastAPI documents and checks these dataclasses as they are: one set of response models).
-@dataclass
-class Match:
-    product_id: str
-    score: float
-    image: str
-    metadata: dict[str, Any]
-
-    def to_dict(self) -> dict:
-        return {"product_id": self.product_id, "score": round(self.score, 6), "image": self.image,
-                "metadata": self.metadata}  # fmt: skip
-
-
-@dataclass
-class QueryInfo:
-    boxes: list[Box]
-    box_used: Box | None
-    crop: str
-    took_ms: float
-
-    def to_dict(self) -> dict:
-        return {
-            "boxes": [b.to_dict() for b in self.boxes],
-            "box_used": self.box_used.to_dict() if self.box_used else None,
-            "crop": self.crop,
-            "took_ms": round(self.took_ms, 2),
-        }
-
-
-@dataclass
-class SearchResult:
-    query: QueryInfo
-    results: list[Match]
-
-    def to_dict(self) -> dict:
-        return {"query": self.query.to_dict(), "results": [m.to_dict() for m in self.results]}
-
-
-@dataclass
-class IndexReport:
-    """What an index run did (or, with dry_run, would do). `failed` inputs were skipped; `warnings`
-    were used but not exactly as written; `pruned` are the images dropped because their source no
-    longer lists them."""
-
-    source: str = ""
-    dry_run: bool = False
-    added: int = 0
-    updated: int = 0
-    unchanged: int = 0
-    removed: int = 0
-    failed: list[tuple[str, str]] = field(default_factory=list)
-    warnings: list[tuple[str, str]] = field(default_factory=list)
-    pruned: list[tuple[str, str]] = field(default_factory=list)
-    seconds: float = 0.0
-    crops: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def processed(self) -> int:
-        return self.added + self.updated
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["failed"] = [{"image": w, "reason": r} for w, r in self.failed]
-        d["warnings"] = [{"where": w, "message": m} for w, m in self.warnings]
-        d["pruned"] = [{"product_id": p, "image": i} for p, i in self.pruned]
-        return d
 
 
 class Catalog:
@@ -482,34 +413,26 @@ class Catalog:
         return Query(img, self.query_encoder.detect(img))
 
     def search(self, image: ImageSource | Image.Image | Query, k: int = 10, where: dict[str, str] | None = None,
-               box: int | str | Box | dict | None = None, rank: str = DEFAULT_RANK) -> SearchResult:  # fmt: skip
-        """Top-k products for a photo. `box`: None (automatic), the index of a detected box,
-        "whole" for the whole image, or a box of one's own (pixels). `rank`: how a product's images'
-        scores make its score (`ranking.RANKS`)."""
+               box: BoxChoice | None = None, rank: str = DEFAULT_RANK) -> SearchResult:  # fmt: skip
+        """Top-k products for a photo. `box`: which part is searched (`BoxChoice`: automatic by default,
+        a detected box, the whole image, or a box of one's own in pixels). `rank`: how a product's
+        images' scores make its score (`ranking.RANKS`)."""
         try:
             return self._search(image, k, where, box, rank)
         except VectorsChangedError:  # the vectors were swapped (tuning) mid-search: once more, new model
             return self._search(image, k, where, box, rank)
 
     def _search(self, image: ImageSource | Image.Image | Query, k: int = 10, where: dict[str, str] | None = None,
-               box: int | str | Box | dict | None = None, rank: str = DEFAULT_RANK) -> SearchResult:  # fmt: skip
+               box: BoxChoice | None = None, rank: str = DEFAULT_RANK) -> SearchResult:  # fmt: skip
         """One search, with the models the catalog records now."""
         t0 = time.perf_counter()
         self._follow()
         query = self.detect(image)
         img, boxes = query.image, query.boxes
-        chosen: Box | None = None
-        if isinstance(box, bool):
-            raise LookalikeError(f"box must be a number, 'whole' or a box, not {box!r}")
-        if isinstance(box, int):
-            if not 0 <= box < len(boxes):
-                raise LookalikeError(f"box {box} does not exist: {len(boxes)} shoe(s) detected")
-            chosen = boxes[box]
-        elif isinstance(box, str) and box != "whole":
-            raise LookalikeError(f"box {box!r}: expected a number, 'whole' or x1,y1,x2,y2")
-        elif isinstance(box, dict | Box):
-            chosen = _valid_box(Box.from_dict(box) if isinstance(box, dict) else box, img)
-        out = self.query_encoder.encode(img, box=chosen, boxes=boxes, whole=box == "whole")
+        box = box or BoxChoice()
+        if not isinstance(box, BoxChoice):
+            raise LookalikeError(f"box must be a BoxChoice (BoxChoice.parse('0'), .whole(), .manual(...)), not {box!r}")
+        out = self.query_encoder.encode(img, box=box.resolve(boxes, img), boxes=boxes, whole=box.kind == "whole")
         matches = self.search_vector(out.vector, k, where, rank)
         info = QueryInfo(boxes, out.crop.box, out.crop.path, (time.perf_counter() - t0) * 1000)
         return SearchResult(info, matches)
@@ -568,45 +491,9 @@ class Catalog:
         }
 
 
-def parse_box(text: str | None) -> int | str | dict | None:
-    """A box choice as people type it: a detected box's index, "whole", or x1,y1,x2,y2 in pixels."""
-    if text is None or not text.strip():
-        return None
-    text = text.strip()
-    if text.isdigit():
-        return int(text)
-    if text == "whole":
-        return text
-    try:
-        x1, y1, x2, y2 = (float(v) for v in text.split(","))
-    except ValueError:
-        raise LookalikeError(
-            f"box {text!r}: expected a detected box's index, whole, or x1,y1,x2,y2 in pixels"
-        ) from None
-    return {"x1": x1, "y1": y1, "x2": x2, "y2": y2, "label": "manual", "score": 1.0}
-
-
 def _absolute(image: str) -> str:
     """A path made absolute now, so what is stored never depends on the working directory."""
     return image if "://" in image else str(Path(image).resolve())
-
-
-BOX_SLACK = 1.0  # pixels a drawn box may stick out of the image (rounding in a browser), then clipped
-
-
-def _valid_box(box: Box, img: Image.Image) -> Box:
-    """A box of one's own must be finite, have x1 < x2 and y1 < y2, lie inside the image and cover at
-    least 2 x 2 pixels: anything else is a mistake to report, not a box to guess."""
-    values = (box.x1, box.y1, box.x2, box.y2)
-    text = ",".join(f"{v:g}" for v in values)
-    w, h = img.width, img.height
-    if not all(math.isfinite(v) for v in values):
-        raise LookalikeError(f"box {text}: coordinates must be finite numbers")
-    if box.x2 - box.x1 < 2 or box.y2 - box.y1 < 2:
-        raise LookalikeError(f"box {text}: needs x1 < x2 and y1 < y2 (pixels), at least 2 pixels apart")
-    if box.x1 < -BOX_SLACK or box.y1 < -BOX_SLACK or box.x2 > w + BOX_SLACK or box.y2 > h + BOX_SLACK:
-        raise LookalikeError(f"box {text}: outside the {w}x{h} image")
-    return Box(max(0.0, box.x1), max(0.0, box.y1), min(float(w), box.x2), min(float(h), box.y2), box.score, box.label)
 
 
 # -- model files: set-up for the faces ---------------------------------------------------------------

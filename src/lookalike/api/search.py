@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from lookalike.api.bodies import content_type, form, json_body, parse_k, upload_bytes
 from lookalike.api.schemas import ERRORS, FORM_TYPES, SEARCH_BODY, BoxModel, SearchRequest
 from lookalike.api.service import Service, service
-from lookalike.pipeline import DEFAULT_RANK, RANKS, SearchResult, parse_box
+from lookalike.pipeline import DEFAULT_RANK, RANKS, BoxChoice, SearchResult
 
 
 def router(reads: list) -> APIRouter:
@@ -29,7 +29,7 @@ def router(reads: list) -> APIRouter:
                 raise HTTPException(422, f"rank: expected one of {', '.join(RANKS)}")
             source: Any = await upload_bytes(data.get("image"), "image", svc.settings)
             k = parse_k(data.get("k", 10))
-            box = parse_box(data.get("box") if isinstance(data.get("box"), str) else None)
+            box = BoxChoice.parse(data.get("box") if isinstance(data.get("box"), str) else None)
             where = _where(data.get("where"))
         elif kind == "application/json":
             try:
@@ -37,9 +37,7 @@ def router(reads: list) -> APIRouter:
             except ValueError as e:
                 raise RequestValidationError(getattr(e, "errors", lambda: [])()) from None
             source, k, where, rank = await svc.fetch(body.url), body.k, body.where, body.rank
-            box = body.box.model_dump() if isinstance(body.box, BoxModel) else body.box
-            if isinstance(box, str):
-                box = parse_box(box)
+            box = _box(body.box)
         else:
             raise HTTPException(415, "send multipart/form-data with an `image` file, or JSON with a `url`")
         result = await anyio.to_thread.run_sync(svc.catalog.search, source, k, where, box, rank,
@@ -61,3 +59,12 @@ def _where(text: Any) -> dict[str, str] | None:
     if not isinstance(where, dict) or not all(isinstance(v, str) for v in where.values()):
         raise HTTPException(422, "where: expected a JSON object of strings")
     return where
+
+
+def _box(value: int | str | BoxModel | None) -> BoxChoice:
+    """A JSON body's `box`: a detected box's index, text as the CLI takes it, or a box in pixels."""
+    if isinstance(value, BoxModel):
+        return BoxChoice.manual(value.x1, value.y1, value.x2, value.y2)
+    if isinstance(value, int):
+        return BoxChoice.detected(value) if value >= 0 else BoxChoice.parse(str(value))
+    return BoxChoice.parse(value)
