@@ -50,6 +50,13 @@ def test_add_search_remove_persist(tmp_path):
     assert reopened.search(vecs[0], 2)[0].score == pytest.approx(1.0, abs=1e-5)
 
 
+def test_an_empty_catalog_can_be_searched_then_filled(tmp_path):
+    store = CatalogDB(tmp_path)
+    assert store.search(unit(np.ones(8)), 3) == [] and store.index_kind() == "exact"  # before any vector
+    store.add(records(unit(np.eye(8)[:3] + 0.1), ["a", "b", "c"]))
+    assert store.search(unit(np.eye(8)[1] + 0.1), 1)[0].product_id == "b"
+
+
 def test_dimension_is_enforced(tmp_path):
     store = CatalogDB(tmp_path)
     store.add(records(unit(np.ones((1, 8))), ["a"]))

@@ -470,6 +470,8 @@ class CatalogDB:
             first = self.db.execute("SELECT vector FROM images ORDER BY id LIMIT 1").fetchone()
             dim = self._mapped(np.frombuffer(first[0], dtype=np.float32)).shape[1] if first else (self.dim or 1)
             index = open_index(self.index_name, self.directory, dim, len(ids), generation, **self.index_options)
+            if first is None:  # nothing to index yet: the vectors' size is not known, keep no index
+                return index
             self._index, self._index_dim = index, dim
             if index.count() == len(ids):  # it saved this generation's vectors
                 self._indexed = ids
