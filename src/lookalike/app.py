@@ -15,7 +15,7 @@ import streamlit as st
 from PIL import Image, ImageDraw, ImageFont
 
 from lookalike.errors import LookalikeError
-from lookalike.pipeline import Box, BoxChoice, Catalog, Query, SearchResult
+from lookalike.pipeline import Box, BoxChoice, Catalog, ImageSource, Query, SearchResult
 
 AUTO, WHOLE, OWN = "Automatic (the pair / best box)", "Whole image", "My own box"
 COLUMNS = 4
@@ -84,10 +84,10 @@ def query_inputs(cat: Catalog) -> None:
             address = st.text_input("Image URL", placeholder="https://…/shoe.jpg", key="url")
             if st.form_submit_button("Search this URL") and address.strip():
                 address = address.strip()
-                if address.lower().startswith(("http://", "https://")):
-                    set_query(cat, address, address)
-                else:  # a bare string would be read as a path on the server
-                    st.session_state["load_error"] = f"{address}: only http:// and https:// URLs are accepted"
+                try:  # a URL only: a bare string would be read as a path on the server
+                    set_query(cat, ImageSource.url(address), address)
+                except LookalikeError as e:
+                    st.session_state["load_error"] = str(e)
     with examples:
         picks = cat.examples(COLUMNS * 2)
         cols = st.columns(COLUMNS)

@@ -20,7 +20,7 @@ from lookalike.crop import Crop, choose_crop
 from lookalike.detect import Box, load_detector
 from lookalike.embed import Embedder, l2_normalize
 from lookalike.errors import BadImageError, LookalikeError
-from lookalike.images import DEFAULT_LIMITS, ImageSource, Limits, Photo, read_photo
+from lookalike.images import DEFAULT_LIMITS, ImageInput, Limits, Photo, read_photo
 
 BATCH = 64
 Progress = Callable[[int, int | None], None]  # (done, total) of one stage
@@ -103,13 +103,13 @@ class Encoder:
         self.models = Models(config, threads)
         self.limits = limits
 
-    def photo(self, source: ImageSource) -> Photo:
+    def photo(self, source: ImageInput) -> Photo:
         return read_photo(source, self.limits)
 
     def image(self, photo: Photo) -> Image.Image:
         return photo.image(self.limits)
 
-    def load(self, source: ImageSource) -> Image.Image:
+    def load(self, source: ImageInput) -> Image.Image:
         return self.image(self.photo(source))
 
     @property

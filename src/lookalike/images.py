@@ -20,6 +20,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urljoin, urlsplit
 
 import numpy as np
@@ -27,8 +28,6 @@ import urllib3
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from lookalike.errors import BadImageError
-
-ImageSource = str | Path | bytes
 
 
 @dataclass(frozen=True)
@@ -50,11 +49,48 @@ def is_url(source: object) -> bool:
 MAX_NAME = 300  # characters of an input's name shown in a message: errors never echo unbounded input
 
 
-def describe(source: ImageSource) -> str:
+@dataclass(frozen=True)
+class ImageSource:
+    """One input photo that knows what it is: a local `path`, an http(s) `url` (fetched under the
+    guards of `fetch_url`) or `bytes` (an upload). Made once, where the input arrives."""
+
+    kind: Literal["path", "url", "bytes"]
+    value: str | bytes
+
+    @classmethod
+    def of(cls, source: ImageInput) -> ImageSource:
+        if isinstance(source, ImageSource):
+            return source
+        if isinstance(source, bytes | bytearray):
+            return cls("bytes", bytes(source))
+        text = str(source)
+        if is_url(text):
+            return cls("url", text)
+        if "://" in text:
+            raise BadImageError(shorten(text), "only http:// and https:// URLs are allowed")
+        return cls("path", text)
+
+    @classmethod
+    def url(cls, text: str) -> ImageSource:
+        """An address a user typed as a URL: only http(s), never read as a path on this machine."""
+        if not is_url(text):
+            raise BadImageError(shorten(text), "only http:// and https:// URLs are accepted")
+        return cls("url", text)
+
+    @property
+    def name(self) -> str:
+        """A short printable name, for messages."""
+        return f"<{len(self.value)} bytes>" if self.kind == "bytes" else shorten(self.value)
+
+
+ImageInput = str | Path | bytes | ImageSource  # what the Python API takes; made an ImageSource at once
+
+
+def describe(source: ImageInput) -> str:
     """A short printable name for an input, for messages."""
     if isinstance(source, bytes | bytearray):
         return f"<{len(source)} bytes>"
-    return shorten(str(source))
+    return source.name if isinstance(source, ImageSource) else shorten(str(source))
 
 
 def shorten(text: str, limit: int = MAX_NAME) -> str:
@@ -66,19 +102,17 @@ def shorten(text: str, limit: int = MAX_NAME) -> str:
     return text if len(text) <= limit else f"{text[: limit - 20]}...({len(text)} characters)"
 
 
-def read_bytes(source: ImageSource, limits: Limits = DEFAULT_LIMITS) -> bytes:
+def read_bytes(source: ImageInput, limits: Limits = DEFAULT_LIMITS) -> bytes:
     """The raw bytes of a path, URL or bytes input, within the size limit."""
-    if isinstance(source, bytes | bytearray):
-        data = bytes(source)
-    elif is_url(source):
-        data = fetch_url(str(source), limits)
+    source = ImageSource.of(source)
+    if source.kind == "bytes":
+        data = source.value
+    elif source.kind == "url":
+        data = fetch_url(source.value, limits)
     else:
-        text = str(source)
-        if "://" in text:
-            raise BadImageError(describe(text), "only http:// and https:// URLs are allowed")
-        data = read_file(Path(text), limits.max_bytes)
+        data = read_file(Path(source.value), limits.max_bytes)
     if len(data) > limits.max_bytes:
-        raise BadImageError(describe(source), f"{len(data)} bytes, over the {limits.max_bytes}-byte limit")
+        raise BadImageError(source.name, f"{len(data)} bytes, over the {limits.max_bytes}-byte limit")
     return data
 
 
@@ -172,13 +206,13 @@ class Photo:
         return decode(self.data, self.name, limits)
 
 
-def read_photo(source: ImageSource, limits: Limits = DEFAULT_LIMITS) -> Photo:
+def read_photo(source: ImageInput, limits: Limits = DEFAULT_LIMITS) -> Photo:
     """The one read -> hash step: a path, a guarded URL or bytes, within the limits."""
     data = read_bytes(source, limits)
     return Photo(describe(source), data, hashlib.sha256(data).hexdigest())
 
 
-def load_image(source: ImageSource, limits: Limits = DEFAULT_LIMITS) -> Image.Image:
+def load_image(source: ImageInput, limits: Limits = DEFAULT_LIMITS) -> Image.Image:
     return read_photo(source, limits).image(limits)
 
 

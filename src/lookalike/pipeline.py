@@ -23,7 +23,7 @@ from lookalike.detect import Box
 from lookalike.embed import WHITEN_MIN_IMAGES, WHITEN_REFIT_CHANGE, Whitening, learn_whitening
 from lookalike.encoder import Encoder, Progress, Query, StageProgress, run_parallel, safely, stage
 from lookalike.errors import LookalikeError, VectorsChangedError
-from lookalike.images import DEFAULT_LIMITS, ImageSource, Limits
+from lookalike.images import DEFAULT_LIMITS, ImageInput, ImageSource, Limits
 from lookalike.index import BACKENDS
 from lookalike.offline import Photos, default_cache, rank_products
 from lookalike.ranking import RANKS, check_rank, product_score
@@ -35,9 +35,9 @@ DEFAULT_RANK = "best"  # chosen on the benchmark suites (BENCHMARKS.md)
 
 # What the faces (CLI, app, API, eval) and Python users call; nothing below this module is theirs.
 __all__ = [
-    "DEFAULT_RANK", "Box", "Catalog", "IndexReport", "Item", "Limits", "Match", "Photos", "PipelineConfig",
-    "Progress", "Query", "QueryInfo", "RANKS", "SearchResult", "StageProgress", "check_models", "default_cache",
-    "BoxChoice", "PULL_HINT", "pull_models", "rank_products",
+    "DEFAULT_RANK", "PULL_HINT", "RANKS", "Box", "BoxChoice", "Catalog", "ImageSource", "IndexReport", "Item",
+    "Limits", "Match", "Photos", "PipelineConfig", "Progress", "Query", "QueryInfo", "SearchResult",
+    "StageProgress", "check_models", "default_cache", "pull_models", "rank_products",
 ]  # fmt: skip
 
 
@@ -235,7 +235,7 @@ class Catalog:
         if changed:
             self.store.set_products(changed)
 
-    def add_product(self, product_id: str, images: list[ImageSource], metadata: dict | None = None,
+    def add_product(self, product_id: str, images: list[ImageInput], metadata: dict | None = None,
                     source: str = "api") -> dict:  # fmt: skip
         """Add or replace one product (its metadata and all its images) in one transaction.
         Image bytes are kept under the catalog's uploads/ folder; paths and URLs are kept as given.
@@ -246,7 +246,8 @@ class Catalog:
         for image in images:
             photo = self.query_encoder.photo(image)
             record = self._record(self.query_encoder, photo, product_id, "", metadata or {}, source)
-            record.image = self._keep_upload(photo) if isinstance(image, bytes | bytearray) else _absolute(str(image))
+            source_ = ImageSource.of(image)
+            record.image = self._keep_upload(photo) if source_.kind == "bytes" else _absolute(source_)
             records.append(record)
         self._forget_files(self.store.add(records, replace_products=[product_id]))
         self._record_config()
@@ -394,25 +395,25 @@ class Catalog:
     def models_loaded(self) -> bool:
         return self._query_encoder is not None and self._query_encoder.models.loaded
 
-    def fetch(self, source: ImageSource) -> bytes:
+    def fetch(self, source: ImageInput) -> bytes:
         """The raw bytes of a path, a guarded URL or bytes, within the catalog's limits (a server fetches
         URLs on its own terms, then searches the bytes)."""
         return self.query_encoder.photo(source).data
 
-    def load(self, image: ImageSource | Image.Image) -> Image.Image:
+    def load(self, image: ImageInput | Image.Image) -> Image.Image:
         """An upright RGB image from a path, a guarded URL or bytes (or a PIL image, converted)."""
         if isinstance(image, Image.Image):
             return image.convert("RGB")
         return self.query_encoder.load(image)
 
-    def detect(self, image: ImageSource | Image.Image | Query) -> Query:
+    def detect(self, image: ImageInput | Image.Image | Query) -> Query:
         """Load and detect once, so a caller can show the boxes and then search with one of them."""
         if isinstance(image, Query):
             return image
         img = self.load(image)
         return Query(img, self.query_encoder.detect(img))
 
-    def search(self, image: ImageSource | Image.Image | Query, k: int = 10, where: dict[str, str] | None = None,
+    def search(self, image: ImageInput | Image.Image | Query, k: int = 10, where: dict[str, str] | None = None,
                box: BoxChoice | None = None, rank: str = DEFAULT_RANK) -> SearchResult:  # fmt: skip
         """Top-k products for a photo. `box`: which part is searched (`BoxChoice`: automatic by default,
         a detected box, the whole image, or a box of one's own in pixels). `rank`: how a product's
@@ -422,7 +423,7 @@ class Catalog:
         except VectorsChangedError:  # the vectors were swapped (tuning) mid-search: once more, new model
             return self._search(image, k, where, box, rank)
 
-    def _search(self, image: ImageSource | Image.Image | Query, k: int = 10, where: dict[str, str] | None = None,
+    def _search(self, image: ImageInput | Image.Image | Query, k: int = 10, where: dict[str, str] | None = None,
                box: BoxChoice | None = None, rank: str = DEFAULT_RANK) -> SearchResult:  # fmt: skip
         """One search, with the models the catalog records now."""
         t0 = time.perf_counter()
@@ -437,7 +438,7 @@ class Catalog:
         info = QueryInfo(boxes, out.crop.box, out.crop.path, (time.perf_counter() - t0) * 1000)
         return SearchResult(info, matches)
 
-    def embed(self, image: ImageSource | Image.Image) -> np.ndarray:
+    def embed(self, image: ImageInput | Image.Image) -> np.ndarray:
         """The vector a photo is searched with (automatic crop)."""
         return self.query_encoder.encode(self.load(image)).vector
 
@@ -491,9 +492,11 @@ class Catalog:
         }
 
 
-def _absolute(image: str) -> str:
+def _absolute(image: str | ImageSource) -> str:
     """A path made absolute now, so what is stored never depends on the working directory."""
-    return image if "://" in image else str(Path(image).resolve())
+    if isinstance(image, ImageSource):
+        return image.value if image.kind == "url" else str(Path(image.value).resolve())
+    return image if "://" in image else str(Path(image).resolve())  # another scheme fails when read
 
 
 # -- model files: set-up for the faces ---------------------------------------------------------------

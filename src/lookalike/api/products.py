@@ -23,6 +23,7 @@ from lookalike.api.schemas import (
     ProductResponse,
 )
 from lookalike.api.service import Service, service, writer
+from lookalike.pipeline import ImageSource
 
 IMAGE_RESPONSES = {**READ_ERRORS, 200: {"content": {"image/*": {}}}, 307: {"description": "the image's URL"}}
 
@@ -40,7 +41,7 @@ def reads(reads: list) -> APIRouter:
         if not 0 <= n < len(product["images"]):
             raise HTTPException(404, f"product {product_id!r} has {len(product['images'])} image(s); no image {n}")
         image = product["images"][n]
-        if image.startswith(("http://", "https://")):
+        if ImageSource.of(image).kind == "url":
             return RedirectResponse(image, status_code=307)
         if not Path(image).is_file():
             raise HTTPException(404, f"image {n} of {product_id!r} is no longer on disk")
