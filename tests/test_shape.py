@@ -50,7 +50,7 @@ def test_the_pipeline_does_not_hand_out_its_parts_machinery():
     import lookalike.pipeline as pipeline
 
     exported = set(pipeline.__all__)
-    assert not exported & {"Encoder", "run_parallel", "safely", "learn_whitening", "CatalogDB", "Models"}
+    assert not exported & {"Encoder", "run_parallel", "safely", "learn_whitening", "CatalogDB", "LoadedModels"}
     assert all(hasattr(pipeline, name) for name in exported)
 
 

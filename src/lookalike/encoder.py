@@ -32,7 +32,7 @@ def stage(progress: StageProgress | None, name: str) -> Progress | None:
     return (lambda done, total: progress(name, done, total)) if progress else None
 
 
-class Models:
+class LoadedModels:
     """The detector and embedder, loaded once on first use and shared by threads."""
 
     def __init__(self, config: PipelineConfig, threads: int = 1):
@@ -80,7 +80,7 @@ class Processed:
 
 
 def process(
-    mdl: Models, img: Image.Image, box: Box | None = None, boxes: list[Box] | None = None, whole: bool = False
+    mdl: LoadedModels, img: Image.Image, box: Box | None = None, boxes: list[Box] | None = None, whole: bool = False
 ) -> Processed:
     """The one path every image takes, catalog or query: detect, crop, embed."""
     if boxes is None:
@@ -100,7 +100,7 @@ class Encoder:
 
     def __init__(self, config: PipelineConfig, threads: int = 1, limits: Limits = DEFAULT_LIMITS):
         self.config = config
-        self.models = Models(config, threads)
+        self.models = LoadedModels(config, threads)
         self.limits = limits
 
     def photo(self, source: ImageInput) -> Photo:
