@@ -235,3 +235,21 @@ def test_a_second_backend_is_one_registry_entry(tmp_path, monkeypatch):
     with pytest.raises(LookalikeError, match="index backend 'nope': expected one of local, numpy"):
         Catalog.open(tmp_path / "c", create=True, index="nope")
     assert not (tmp_path / "c").exists()
+
+
+def test_a_catalog_keeps_the_backend_it_was_made_with(tmp_path, monkeypatch):
+    from test_config import _tiny
+
+    from lookalike import Catalog
+    from lookalike.index import BACKENDS
+
+    monkeypatch.setitem(BACKENDS, "numpy", f"{__name__}:BruteForce")
+    config, items = _tiny(tmp_path)
+    with Catalog.open(tmp_path / "cat", config=config, create=True, index="numpy") as cat:
+        cat.index(items)
+        assert cat.info()["index"] == "numpy"
+    with Catalog.open(tmp_path / "cat") as cat:  # recorded in the catalog: no need to say it again
+        assert cat.info()["index"] == "numpy"
+        assert cat.search(tmp_path / "green.png", k=1).results[0].product_id == "green"
+    with pytest.raises(LookalikeError, match="uses the 'numpy' index backend, not 'local'"):
+        Catalog.open(tmp_path / "cat", index="local")
