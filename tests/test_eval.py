@@ -112,3 +112,16 @@ def test_eval_command(near_duplicates, tmp_path):
         capture_output=True, text=True,
     )  # fmt: skip
     assert bad.returncode == 2 and "no column 'nope'" in bad.stderr
+
+
+def test_the_eval_cache_keeps_the_newest_vectors(tmp_path):
+    import numpy as np
+
+    from lookalike.offline import VectorCache
+
+    cache = VectorCache(tmp_path / "eval.db")
+    for i in range(10):
+        cache.put_vector(f"sha{i}", "cfg", np.full(4, i, np.float32))
+    assert cache.prune(keep=4) == 6 and cache.prune(keep=4) == 0
+    assert cache.vector("sha5", "cfg") is None and cache.vector("sha6", "cfg")[0] == 6
+    cache.close()
