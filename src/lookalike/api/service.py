@@ -84,14 +84,10 @@ class Service:
     catalog: Catalog
     settings: ApiSettings
     stats: Stats = field(default_factory=Stats)
-    # Inference and URL fetches get their own capacity, so a crowd of slow sources or heavy searches
-    # never takes the thread pool that /health and the product reads run in.
-    inference: anyio.CapacityLimiter = None
-    url_slots: threading.BoundedSemaphore = None
-    url_threads: anyio.CapacityLimiter = None
-    tuning: TuneJob = None
 
     def __post_init__(self) -> None:
+        # Inference and URL fetches get their own capacity, so a crowd of slow sources or heavy searches
+        # never takes the thread pool that /health and the product reads run in.
         self.inference = anyio.CapacityLimiter(self.settings.max_searches)
         self.url_slots = threading.BoundedSemaphore(self.settings.max_url_fetches)
         self.url_threads = anyio.CapacityLimiter(self.settings.max_url_fetches)

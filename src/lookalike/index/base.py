@@ -41,6 +41,17 @@ def open_index(name: str, directory: Path, dim: int, expected: int, tag: str | N
     """The backend `name`, for `expected` vectors of size `dim`. It may come back already holding the
     vectors it saved under `tag` (None: start empty); the caller fills it from SQLite when its count
     says otherwise."""
+    return backend(name)(directory, dim, expected, tag, **options)
+
+
+def kind_of(name: str, expected: int, **options) -> str:
+    """How backend `name` would search `expected` vectors, without building anything (`lookalike info`,
+    a server's health check): its optional `kind_for`, else its name."""
+    kind_for = getattr(backend(name), "kind_for", None)
+    return kind_for(expected, **options) if kind_for else name
+
+
+def backend(name: str) -> type:
     if name not in BACKENDS:
         raise LookalikeError(f"index backend {name!r}: expected one of {', '.join(BACKENDS)}")
     module, factory = BACKENDS[name].split(":")
@@ -48,4 +59,4 @@ def open_index(name: str, directory: Path, dim: int, expected: int, tag: str | N
         cls = getattr(importlib.import_module(module), factory)
     except ImportError as e:
         raise LookalikeError(f"the {name} index backend needs {e.name}: pip install 'lookalike[{name}]'") from None
-    return cls(directory, dim, expected, tag, **options)
+    return cls

@@ -19,7 +19,7 @@ class LocalIndex:
         self._deleted = np.zeros(0, dtype=np.int64)  # HNSW cannot delete: these ids are filtered out
         self.index = self._load(tag, dim) if tag is not None else None
         if self.index is None:
-            if expected >= hnsw_threshold:
+            if self.kind_for(expected, hnsw_threshold) == "hnsw":
                 inner = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
                 inner.hnsw.efConstruction = ef_construction
                 inner.hnsw.efSearch = ef_search
@@ -28,6 +28,10 @@ class LocalIndex:
             self.index = faiss.IndexIDMap2(inner)
         self.hnsw = isinstance(faiss.downcast_index(self.index.index), faiss.IndexHNSW)
         self.kind = "hnsw" if self.hnsw else "exact"
+
+    @staticmethod
+    def kind_for(expected: int, hnsw_threshold: int = 20_000, **_) -> str:
+        return "hnsw" if expected >= hnsw_threshold else "exact"
 
     def _path(self, tag: str) -> Path:
         return self.directory / f"index-{tag}.faiss"
