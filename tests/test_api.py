@@ -44,7 +44,13 @@ def test_health_stats_and_schema(client):
     assert health["status"] == "ok" and health["products"] == 6 and health["images"] == 18
     schema = client.get("/openapi.json").json()
     assert {"/search", "/products", "/products/{product_id}", "/health", "/stats"} <= set(schema["paths"])
-    assert "multipart/form-data" in schema["paths"]["/search"]["post"]["requestBody"]["content"]
+    for path in ("/search", "/products"):  # one operation, two bodies (a form route and a JSON route)
+        assert set(schema["paths"][path]["post"]["requestBody"]["content"]) == {
+            "multipart/form-data",
+            "application/json",
+        }
+    assert client.post("/products", content=b"x", headers={"content-type": "text/plain", **AUTH}).status_code == 415
+    assert client.get("/search").status_code == 405 and client.get("/search").headers["allow"] == "POST"
     assert client.get("/docs").status_code == 200
 
 

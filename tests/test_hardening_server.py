@@ -106,6 +106,22 @@ def test_oversize_bodies_are_cut_off_while_streaming(server):
     assert httpx.get(url + "/health", timeout=10).status_code == 200
 
 
+def test_a_write_without_the_token_is_refused_before_its_body_is_read(server):
+    """FastAPI parses a form (spooling its uploads) before any dependency runs: the token is checked
+    before that, so an unauthenticated 150 MB upload to POST /products (under its 200 MB limit) is
+    answered 401 after a few megabytes of socket buffer, never read to the end."""
+    _, url, _ = server
+    head = (
+        b"POST /products HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+        b"Content-Type: multipart/form-data; boundary=BOUNDARY\r\n\r\n" % (150 * MB)
+    )
+    for auth in (b"", b"Authorization: Bearer wrong\r\n"):
+        request = head.replace(b"Host: x\r\n", b"Host: x\r\n" + auth)
+        answer, sent = push_body(url, request, 150 * MB, chunked=False)
+        assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+        assert b"www-authenticate: Bearer" in answer.lower().replace(b"bearer", b"Bearer") and sent < 32 * MB, sent
+
+
 def test_errors_never_echo_unbounded_input(server):
     _, url, _ = server
     long_url = "https://shop.example/" + "a" * 5 * MB

@@ -9,29 +9,27 @@ import json
 import os
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from lookalike import models
+from lookalike import models, rebuild
 from lookalike.boxes import BoxChoice
 from lookalike.catalog import CatalogDB, ImageRecord
 from lookalike.config import PipelineConfig
 from lookalike.detect import Box
-from lookalike.embed import WHITEN_MIN_IMAGES, WHITEN_REFIT_CHANGE, Whitening, learn_whitening
 from lookalike.encoder import Encoder, Progress, Query, StageProgress, run_parallel, safely, stage
 from lookalike.errors import LookalikeError, VectorsChangedError
 from lookalike.images import DEFAULT_LIMITS, ImageInput, ImageSource, Limits
 from lookalike.index import BACKENDS
 from lookalike.offline import Photos, default_cache, rank_products
-from lookalike.ranking import RANKS, check_rank, product_score
+from lookalike.projection import Projection
+from lookalike.query import DEFAULT_RANK, Searcher
+from lookalike.ranking import RANKS
 from lookalike.results import IndexReport, Match, QueryInfo, SearchResult
 from lookalike.sources import Item, SourceProblem, iter_source, source_id
-
-DEFAULT_RANK = "best"  # chosen on the benchmark suites (BENCHMARKS.md)
-
 
 # What the faces (CLI, app, API, eval) and Python users call; nothing below this module is theirs.
 __all__ = [
@@ -51,13 +49,8 @@ class Catalog:
         self.threads = max(1, threads)
         self.limits = limits
         self._use(config)
-        self._load_projection()
-
-    def _load_projection(self) -> None:
-        """The whitening learned on this catalog (stored in it): queries and the index go through it."""
-        self._projection_version, arrays = self.store.projection()
-        self._whitening = Whitening(*arrays) if arrays is not None else None
-        self.store.set_transform(self._whitening)
+        self.projection = Projection(store)
+        self.searcher = Searcher(store, self.projection, lambda: self.query_encoder)
 
     def _use(self, config: PipelineConfig) -> None:
         """Run with this configuration (as recorded: model paths inside the catalog are relative)."""
@@ -82,8 +75,7 @@ class Catalog:
         recorded = self.store.get_meta("config")
         if recorded and recorded != self.config.to_json():
             self._use(PipelineConfig.from_json(recorded))
-        if self.store.projection_version() != self._projection_version:
-            self._load_projection()
+        self.projection.follow()
 
     @classmethod
     def open(cls, directory: str | Path, config: PipelineConfig | None = None, create: bool = False,
@@ -275,38 +267,16 @@ class Catalog:
         """Adapt the embedder to this catalog (its photos, product ids as labels; see `tune.py`), save
         the tuned model inside the catalog and re-embed every image with it. The old vectors stay
         until the new ones are complete: stopping half-way (Ctrl-C) leaves the catalog as it was."""
-        from lookalike.tune import options_from_text, tune_model
-
-        tune_options = options_from_text(options or {}, size=self.encoder.models.embedder.size)
-        keys = sorted(self.store.known())
-        if len({p for p, _ in keys}) < 2:
-            raise LookalikeError(f"{self.directory}: tuning needs a catalog with at least 2 products")
-        crop = safely(lambda key: self.encoder.crop(self.encoder.load(key[1])))
-        crops, labels = [], []
-        for batch in run_parallel(crop, keys, self.threads, stage(progress, "crops")):
-            for (product_id, _), out in batch:
-                if not isinstance(out, str):
-                    crops.append(out.image)
-                    labels.append(product_id)
-        folder = self.directory / "models"
-        folder.mkdir(exist_ok=True)
-        tmp = folder / f".tuning-{os.getpid()}.onnx"
-        try:
-            report = tune_model(crops, labels, tmp, tune_options, progress, self.threads)
-            from lookalike.models import sha256_file
-
-            final = folder / f"tuned-{sha256_file(tmp)[:16]}.onnx"
-            os.replace(tmp, final)
-        finally:
-            tmp.unlink(missing_ok=True)
-        config = replace(self.config, embedder=final.relative_to(self.directory).as_posix(),
-                         embed_size=tune_options.size, whiten=0)  # fmt: skip
+        report, model, size = rebuild.tuned_model(self.store, self.encoder, self.directory, options or {},
+                                                  self.threads, progress)  # fmt: skip
+        config = replace(self.config, embedder=model.relative_to(self.directory).as_posix(), embed_size=size,
+                         whiten=0)  # fmt: skip
         try:
             self._rebuild_vectors(config, progress)
         except BaseException:
-            final.unlink(missing_ok=True)
+            model.unlink(missing_ok=True)
             raise
-        return {**asdict(report), "model": str(final)}
+        return {**report, "model": str(model)}
 
     @staticmethod
     def check_tune_options(options: dict[str, str]) -> None:
@@ -323,46 +293,19 @@ class Catalog:
     def _rebuild_vectors(self, config: PipelineConfig, progress: StageProgress | None) -> int:
         """Embed every image with `config` beside the live vectors, then swap them all in one transaction;
         the catalog uses the new models only from then on."""
-        keys = sorted(self.store.known())
         encoder = Encoder(self._runtime(config), threads=1, limits=self.limits)
-
-        def embed(key):
-            out = encoder.encode(encoder.load(key[1]))
-            return out.vector, out.crop.path, out.crop.box.to_dict() if out.crop.box else None
-
-        vectors, failed = {}, []
-        for batch in run_parallel(safely(embed), keys, self.threads, stage(progress, "re-embedding")):
-            for key, out in batch:
-                (failed.append(key) if isinstance(out, str) else vectors.__setitem__(key, out))
-        if failed:
-            raise LookalikeError(
-                f"{len(failed)} catalog image(s) can no longer be read (e.g. {failed[0][1]}): "
-                "index the source again (it drops them) before rebuilding the vectors"
-            )
+        vectors = rebuild.embed_all(self.store, encoder, self.threads, progress)
         meta = {"config": config.to_json(), "models": json.dumps(encoder.model_shas(), sort_keys=True),
                 "whitening_fitted_on": "0"}  # fmt: skip
         self.store.replace_vectors(vectors, meta)
         self._use(config)
-        self._load_projection()
+        self.projection.load()
         self.refresh_whitening(force=True)
         return len(vectors)
 
     def refresh_whitening(self, force: bool = False) -> bool:
-        """(Re)learn the whitening on the catalog when it is new or the catalog grew or shrank a lot.
-        Vectors are stored unprojected, so refitting needs no re-embedding."""
-        if not self.config.whiten:
-            return False
-        images = self.store.count()[1]
-        fitted_on = int(self.store.get_meta("whitening_fitted_on") or 0)
-        if not force and fitted_on and abs(images - fitted_on) < WHITEN_REFIT_CHANGE * fitted_on:
-            return False
-        if not force and not fitted_on and images < WHITEN_MIN_IMAGES:
-            return False
-        whitening = learn_whitening(self.config, self.store.vectors())
-        self.store.set_projection((whitening.mean, whitening.matrix) if whitening is not None else None)
-        self.store.set_meta("whitening_fitted_on", str(images))
-        self._load_projection()
-        return True
+        """(Re)learn the whitening when the catalog is new or changed a lot (`projection.py`)."""
+        return self.projection.refresh(self.config, force)
 
     def remove(self, product_ids: list[str]) -> int:
         """Drop products with all their images (and their stored uploads); returns the images removed."""
@@ -391,71 +334,37 @@ class Catalog:
     def fetch(self, source: ImageInput) -> bytes:
         """The raw bytes of a path, a guarded URL or bytes, within the catalog's limits (a server fetches
         URLs on its own terms, then searches the bytes)."""
-        return self.query_encoder.photo(source).data
+        return self.searcher.fetch(source)
 
     def load(self, image: ImageInput | Image.Image) -> Image.Image:
         """An upright RGB image from a path, a guarded URL or bytes (or a PIL image, converted)."""
-        if isinstance(image, Image.Image):
-            return image.convert("RGB")
-        return self.query_encoder.load(image)
+        return self.searcher.load(image)
 
     def detect(self, image: ImageInput | Image.Image | Query) -> Query:
         """Load and detect once, so a caller can show the boxes and then search with one of them."""
-        if isinstance(image, Query):
-            return image
-        img = self.load(image)
-        return Query(img, self.query_encoder.detect(img))
+        return self.searcher.detect(image)
 
     def search(self, image: ImageInput | Image.Image | Query, k: int = 10, where: dict[str, str] | None = None,
                box: BoxChoice | None = None, rank: str = DEFAULT_RANK) -> SearchResult:  # fmt: skip
         """Top-k products for a photo. `box`: which part is searched (`BoxChoice`: automatic by default,
         a detected box, the whole image, or a box of one's own in pixels). `rank`: how a product's
         images' scores make its score (`ranking.RANKS`)."""
-        try:
-            return self._search(image, k, where, box, rank)
-        except VectorsChangedError:  # the vectors were swapped (tuning) mid-search: once more, new model
-            return self._search(image, k, where, box, rank)
-
-    def _search(self, image: ImageInput | Image.Image | Query, k: int = 10, where: dict[str, str] | None = None,
-               box: BoxChoice | None = None, rank: str = DEFAULT_RANK) -> SearchResult:  # fmt: skip
-        """One search, with the models the catalog records now."""
-        t0 = time.perf_counter()
         self._follow()
-        query = self.detect(image)
-        img, boxes = query.image, query.boxes
-        box = box or BoxChoice()
-        if not isinstance(box, BoxChoice):
-            raise LookalikeError(f"box must be a BoxChoice (BoxChoice.parse('0'), .whole(), .manual(...)), not {box!r}")
-        out = self.query_encoder.encode(img, box=box.resolve(boxes, img), boxes=boxes, whole=box.kind == "whole")
-        matches = self.search_vector(out.vector, k, where, rank)
-        info = QueryInfo(boxes, out.crop.box, out.crop.path, (time.perf_counter() - t0) * 1000)
-        return SearchResult(info, matches)
+        try:
+            return self.searcher.search(image, k, where, box, rank)
+        except VectorsChangedError:  # the vectors were swapped (tuning) mid-search: once more, new model
+            self._follow()
+            return self.searcher.search(image, k, where, box, rank)
 
     def embed(self, image: ImageInput | Image.Image) -> np.ndarray:
         """The vector a photo is searched with (automatic crop)."""
-        return self.query_encoder.encode(self.load(image)).vector
+        return self.searcher.embed(image)
 
     def search_vector(self, vector: np.ndarray, k: int = 10, where: dict[str, str] | None = None,
                       rank: str = DEFAULT_RANK) -> list[Match]:  # fmt: skip
         """Products ranked by a score over their images (`ranking.py`: the best image, or the mean of
         the top n); each match shows its best image."""
-        if k < 1:
-            raise LookalikeError(f"k must be at least 1 (got {k})")
-        check_rank(rank)
-        n = max(4 * k, 32)
-        query = self._whitening(vector)[0] if self._whitening is not None else vector
-        while True:
-            hits = self.store.search(query, n, where)
-            groups: dict[str, list] = {}
-            for h in hits:
-                groups.setdefault(h.product_id, []).append(h)
-            if len(groups) >= k or len(hits) < n:
-                break
-            n *= 4
-        scored = sorted(((product_score([h.score for h in g], rank), g[0]) for g in groups.values()),
-                        key=lambda pair: -pair[0])[:k]  # fmt: skip
-        metadata = self.store.products([h.product_id for _, h in scored])
-        return [Match(h.product_id, score, h.image, metadata.get(h.product_id, {})) for score, h in scored]
+        return self.searcher.search_vector(vector, k, where, rank)
 
     # -- information --------------------------------------------------------------------------
     def product(self, product_id: str) -> dict | None:
@@ -479,7 +388,7 @@ class Catalog:
             "products": products,
             "images": images,
             "dim": self.store.dim,
-            "search_dim": self._whitening.dim if self._whitening is not None else self.store.dim,
+            "search_dim": self.projection.dim(self.store.dim),
             "index": self.store.index_kind(),
             "config": json.loads(self.config.to_json()),
         }

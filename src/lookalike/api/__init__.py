@@ -7,8 +7,9 @@ Writes (need `Authorization: Bearer $LOOKALIKE_API_TOKEN`; off when no token is 
 POST /products, DELETE /products/{id}, POST /tune. Every error is a JSON body {"error": "..."}.
 
 One module per concern: `settings` (what an operator sets), `schemas` (bodies and answers), `service`
-(what routes share, auth), `errors` (error answers, body limits), `bodies` (multipart or JSON), and a
-router per resource: `search`, `products`, `tuning`, `health`; `app` puts them together.
+(what routes share, auth), `errors` (error answers), `gate` (body size and token, before a body is
+read), `bodies` (a form route with `UploadFile`/`Form` and a JSON route per endpoint, chosen by content
+type), and a router per resource: `search`, `products`, `tuning`, `health`; `app` puts them together.
 """
 
 from lookalike.api.app import create_app, serve

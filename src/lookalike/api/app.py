@@ -6,8 +6,8 @@ from pathlib import Path
 
 from fastapi import Depends, FastAPI
 
-from lookalike.api import errors, health, products, search, tuning
-from lookalike.api.schemas import FORM_TYPES
+from lookalike.api import errors, gate, health, products, search, tuning
+from lookalike.api.bodies import FORM_TYPES
 from lookalike.api.service import SMALL_BODY, Service, writer
 from lookalike.api.settings import ApiSettings
 from lookalike.pipeline import Catalog
@@ -32,11 +32,12 @@ def create_app(catalog_dir: str | Path, settings: ApiSettings | None = None) -> 
             return settings.max_upload_bytes * settings.max_images_per_product + SMALL_BODY
         return SMALL_BODY
 
-    app.add_middleware(errors.BodyLimit, limit_for=body_limit)
+    app.add_middleware(gate.BodyLimit, limit_for=body_limit)
+    app.add_middleware(gate.TokenFirst, api=app, settings=settings)  # outermost: the token before all else
     # reads carry a security requirement in the OpenAPI document only when they really need the token
     reads = [Depends(writer)] if settings.protect_reads else []
-    for router in (search.router(reads), products.reads(reads), health.health(), health.stats(reads),
-                   products.writes(), tuning.writes(), tuning.reads(reads)):  # fmt: skip
+    for router in (*search.router(reads), products.reads(reads), health.health(), health.stats(reads),
+                   *products.writes(settings), tuning.writes(), tuning.reads(reads)):  # fmt: skip
         app.include_router(router)
     return app
 

@@ -2,27 +2,26 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Depends, HTTPException, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import APIRouter, Depends, Form, HTTPException
 from fastapi.responses import FileResponse, RedirectResponse
 
-from lookalike.api.bodies import content_type, form, json_body, require_url, upload_bytes
+from lookalike.api.bodies import FormRoute, JsonRoute, given_once, upload_bytes
 from lookalike.api.schemas import (
     ERRORS,
-    FORM_TYPES,
-    PRODUCT_BODY,
     READ_ERRORS,
     DeleteResponse,
     ErrorResponse,
+    ProductForm,
     ProductRequest,
     ProductResponse,
+    also_as_form,
 )
-from lookalike.api.service import Service, service, writer
+from lookalike.api.service import SMALL_BODY, Service, service, writer
+from lookalike.api.settings import ApiSettings
 from lookalike.pipeline import ImageSource
 
 IMAGE_RESPONSES = {**READ_ERRORS, 200: {"content": {"image/*": {}}}, 307: {"description": "the image's URL"}}
@@ -50,46 +49,24 @@ def reads(reads: list) -> APIRouter:
     return api
 
 
-def writes() -> APIRouter:
+def writes(settings: ApiSettings) -> list[APIRouter]:
+    forms = APIRouter(route_class=FormRoute, dependencies=[Depends(writer)])
+    jsons = APIRouter(route_class=JsonRoute, dependencies=[Depends(writer)])
     api = APIRouter(dependencies=[Depends(writer)])
+    limits = {"max_files": settings.max_images_per_product, "max_fields": 10 + settings.max_images_per_product,
+              "max_part_size": SMALL_BODY}  # fmt: skip
 
-    @api.post("/products", status_code=201, response_model=ProductResponse, responses=ERRORS,
-              openapi_extra=PRODUCT_BODY)  # fmt: skip
-    async def put_product(request: Request, svc: Service = Depends(service)) -> Any:  # noqa: B008
+    @forms.post("/products", status_code=201, response_model=ProductResponse, include_in_schema=False,
+                dependencies=[Depends(given_once(ProductForm))], form_limits=limits)  # fmt: skip
+    async def put_product_form(form: Annotated[ProductForm, Form()], svc: Service = Depends(service)) -> Any:  # noqa: B008
+        uploads: list[Any] = [await upload_bytes(f, "images", svc.settings) for f in form.images]
+        return await _put(svc, form.product_id, uploads + form.image_url, form.metadata or {})
+
+    @jsons.post("/products", status_code=201, response_model=ProductResponse, responses=ERRORS,
+                openapi_extra=also_as_form(ProductForm))  # fmt: skip
+    async def put_product(body: ProductRequest, svc: Service = Depends(service)) -> Any:  # noqa: B008
         """Add or replace a product: its id, metadata and images (uploads and/or URLs)."""
-        kind = content_type(request)
-        if kind in FORM_TYPES:
-            data = await form(request, ("product_id", "metadata"), svc.settings)
-            product_id = data.get("product_id")
-            if not isinstance(product_id, str) or not product_id.strip() or len(product_id) > 200:
-                raise HTTPException(422, "product_id: required, 1 to 200 characters")
-            metadata = _metadata(data.get("metadata"))
-            images: list[Any] = [await upload_bytes(f, "images", svc.settings) for f in data.getlist("images")]
-            images += [require_url(u) for u in data.getlist("image_url") if isinstance(u, str) and u]
-        elif kind == "application/json":
-            try:
-                body = ProductRequest.model_validate(await json_body(request))
-            except ValueError as e:
-                raise RequestValidationError(getattr(e, "errors", lambda: [])()) from None
-            product_id, metadata, images = body.product_id, body.metadata, list(body.image_urls)
-        else:
-            raise HTTPException(415, "send multipart/form-data or JSON")
-        if not images:
-            raise HTTPException(422, "a product needs at least one image (`images` uploads or `image_url`)")
-        most = svc.settings.max_images_per_product
-        if sum(isinstance(i, bytes) for i in images) > most or sum(isinstance(i, str) for i in images) > most:
-            raise HTTPException(422, f"at most {most} uploaded images and {most} image URLs per product")
-        urls = any(isinstance(i, str) for i in images)
-        if urls:
-            svc.take_url_slot()
-        try:
-            product = await anyio.to_thread.run_sync(svc.catalog.add_product, product_id.strip(), images, metadata,
-                                                     limiter=svc.inference)  # fmt: skip
-        finally:
-            if urls:
-                svc.url_slots.release()
-        svc.stats.wrote()
-        return _response(product)
+        return await _put(svc, body.product_id, list(body.image_urls), body.metadata)
 
     @api.delete("/products/{product_id}", response_model=DeleteResponse,
                 responses={code: {"model": ErrorResponse} for code in (401, 403, 404, 413, 422)})  # fmt: skip
@@ -100,7 +77,27 @@ def writes() -> APIRouter:
         svc.stats.wrote()
         return {"product_id": product_id, "removed_images": removed}
 
-    return api
+    return [forms, jsons, api]
+
+
+async def _put(svc: Service, product_id: str, images: list[bytes | str], metadata: dict) -> dict:
+    """Both bodies of POST /products: the images are encoded before anything is written."""
+    if not images:
+        raise HTTPException(422, "a product needs at least one image (`images` uploads or `image_url`)")
+    most = svc.settings.max_images_per_product
+    if sum(isinstance(i, bytes) for i in images) > most or sum(isinstance(i, str) for i in images) > most:
+        raise HTTPException(422, f"at most {most} uploaded images and {most} image URLs per product")
+    urls = any(isinstance(i, str) for i in images)
+    if urls:
+        svc.take_url_slot()
+    try:
+        product = await anyio.to_thread.run_sync(svc.catalog.add_product, product_id.strip(), images, metadata,
+                                                 limiter=svc.inference)  # fmt: skip
+    finally:
+        if urls:
+            svc.url_slots.release()
+    svc.stats.wrote()
+    return _response(product)
 
 
 def _product(svc: Service, product_id: str) -> dict:
@@ -114,19 +111,6 @@ def _response(product: dict) -> dict:
     pid = product["product_id"]
     images = [{"n": n, "image": img, "href": f"/products/{pid}/image/{n}"} for n, img in enumerate(product["images"])]
     return {"product_id": pid, "metadata": product["metadata"], "images": images}
-
-
-def _metadata(text: Any) -> dict:
-    """A form's `metadata` field: a JSON object, or blank for none."""
-    if not isinstance(text, str) or not text.strip():
-        return {}
-    try:
-        metadata = json.loads(text)
-    except ValueError:
-        raise HTTPException(422, "metadata: expected a JSON object") from None
-    if not isinstance(metadata, dict):
-        raise HTTPException(422, "metadata: expected a JSON object")
-    return metadata
 
 
 def _image_type(path: str) -> str:

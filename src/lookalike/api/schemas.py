@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from fastapi import UploadFile
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Json, WithJsonSchema
 
 from lookalike.pipeline import DEFAULT_RANK, RANKS
 
@@ -27,6 +28,21 @@ HttpUrlText = Annotated[
 ]
 
 
+def _blank_is_none(value: Any) -> Any:
+    return None if isinstance(value, str) and not value.strip() else value
+
+
+def _json_text(kind: Any, schema: dict) -> Any:
+    """A form field holding a JSON object (blank: none); documented as the object itself, which a
+    multipart body carries as a JSON part (OpenAPI's default encoding)."""
+    return Annotated[Json[kind] | None, BeforeValidator(_blank_is_none), WithJsonSchema(schema)]
+
+
+WhereText = _json_text(dict[str, str], {"type": "object", "additionalProperties": {"type": "string"},
+                                        "description": 'metadata filters, e.g. {"brand": "nike"}'})  # fmt: skip
+MetadataText = _json_text(dict[str, Any], {"type": "object", "description": "product metadata, returned with results"})
+
+
 # -- schemas ----------------------------------------------------------------------------------
 class BoxModel(BaseModel):
     x1: float
@@ -35,6 +51,21 @@ class BoxModel(BaseModel):
     y2: float
     score: float = 1.0
     label: str = "manual"
+
+
+class SearchForm(BaseModel):
+    """POST /search as multipart form data: the photo as an upload."""
+
+    model_config = ConfigDict(extra="forbid")
+    image: UploadFile = Field(description="the shopper's photo")
+    k: int = Field(10, ge=1, le=MAX_K)
+    box: str | None = Field(  # read by BoxChoice.parse, whose message is the CLI's (the pattern is for the document)
+        None,
+        description="box index, 'whole', x1,y1,x2,y2, or blank (automatic)",
+        json_schema_extra={"pattern": BOX_PATTERN},
+    )
+    where: WhereText = None
+    rank: Literal[RANKS] = Field(DEFAULT_RANK)  # type: ignore[valid-type]
 
 
 class SearchRequest(BaseModel):
@@ -64,9 +95,21 @@ class ProductResponse(BaseModel):
 
 class ProductRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    product_id: str = Field(min_length=1, max_length=200)
+    product_id: str = Field(min_length=1, max_length=200, pattern=r"\S")
     metadata: dict[str, Any] = Field(default_factory=dict)
     image_urls: list[HttpUrlText] = Field(min_length=1, max_length=20)
+
+
+class ProductForm(BaseModel):
+    """POST /products as multipart form data: uploads and/or URLs, metadata as a JSON object."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"anyOf": [{"required": ["images"]}, {"required": ["image_url"]}]}
+    )
+    product_id: str = Field(min_length=1, max_length=200, pattern=r"\S")
+    metadata: MetadataText = None
+    images: list[UploadFile] = Field(default_factory=list, min_length=1, max_length=20)
+    image_url: list[HttpUrlText] = Field(default_factory=list, min_length=1, max_length=20)
 
 
 class ErrorResponse(BaseModel):
@@ -115,59 +158,12 @@ class TuneStatus(BaseModel):
     error: str | None = None
 
 
-# -- OpenAPI for the endpoints that take either multipart form data or a JSON body --------------
-FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
-
-
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 415, 422, 503)}
 READ_ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 413, 422)}
 
 
-def _form_or_json(form_schema: dict, json_model: type[BaseModel]) -> dict:
-    """OpenAPI for an endpoint that takes either multipart form data or a JSON body."""
-    json_schema = json_model.model_json_schema(ref_template="#/components/schemas/{model}")
-    content = {"multipart/form-data": {"schema": {"type": "object", **form_schema}},
-               "application/json": {"schema": json_schema}}  # fmt: skip
-    return {"requestBody": {"required": True, "content": content}}
-
-
-SEARCH_BODY = _form_or_json(
-    {
-        "required": ["image"],
-        "properties": {
-            "image": {"type": "string", "format": "binary"},
-            "k": {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": 10},
-            "box": {
-                "type": "string",
-                "pattern": BOX_PATTERN,
-                "description": "box index, 'whole', x1,y1,x2,y2, or blank (automatic)",
-            },
-            # an object in a multipart body is sent as a JSON part (OpenAPI's default encoding)
-            "rank": {"type": "string", "enum": list(RANKS), "default": DEFAULT_RANK},
-            "where": {
-                "type": "object",
-                "additionalProperties": {"type": "string"},
-                "description": 'metadata filters, e.g. {"brand": "nike"}',
-            },
-        },
-    },
-    SearchRequest,
-)
-PRODUCT_BODY = _form_or_json(
-    {
-        "required": ["product_id"],
-        "anyOf": [{"required": ["images"]}, {"required": ["image_url"]}],  # at least one image
-        "properties": {
-            "product_id": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": "\\S"},
-            "metadata": {"type": "object", "description": "product metadata, returned with results"},
-            "images": {"type": "array", "minItems": 1, "maxItems": 20, "items": {"type": "string", "format": "binary"}},
-            "image_url": {
-                "type": "array",
-                "minItems": 1,
-                "maxItems": 20,
-                "items": {"type": "string", "maxLength": MAX_URL, "pattern": "^[Hh][Tt][Tt][Pp][Ss]?://"},
-            },
-        },
-    },
-    ProductRequest,
-)
+def also_as_form(form: type[BaseModel]) -> dict:
+    """OpenAPI extra for the JSON route of an endpoint: its form twin (excluded from the document, since
+    OpenAPI has one operation per path and method) is the same operation's multipart body."""
+    schema = form.model_json_schema(ref_template="#/components/schemas/{model}")
+    return {"requestBody": {"content": {"multipart/form-data": {"schema": schema}}}}

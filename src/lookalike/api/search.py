@@ -2,63 +2,43 @@
 
 from __future__ import annotations
 
-import json
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Depends, HTTPException, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import APIRouter, Depends, Form
 
-from lookalike.api.bodies import content_type, form, json_body, parse_k, upload_bytes
-from lookalike.api.schemas import ERRORS, FORM_TYPES, SEARCH_BODY, BoxModel, SearchRequest
-from lookalike.api.service import Service, service
-from lookalike.pipeline import DEFAULT_RANK, RANKS, BoxChoice, SearchResult
+from lookalike.api.bodies import FormRoute, JsonRoute, given_once, upload_bytes
+from lookalike.api.schemas import ERRORS, BoxModel, SearchForm, SearchRequest, also_as_form
+from lookalike.api.service import SMALL_BODY, Service, service
+from lookalike.pipeline import BoxChoice, SearchResult
 
 
-def router(reads: list) -> APIRouter:
-    api = APIRouter(dependencies=reads)
+def router(reads: list) -> list[APIRouter]:
+    forms = APIRouter(route_class=FormRoute, dependencies=reads)
+    jsons = APIRouter(route_class=JsonRoute, dependencies=reads)
 
-    @api.post("/search", response_model=SearchResult, responses=ERRORS, openapi_extra=SEARCH_BODY)
-    async def search(request: Request, svc: Service = Depends(service)) -> Any:  # noqa: B008
+    # two files, so that a second `image` is refused by name (given_once) rather than as "too many files"
+    limits = {"max_files": 2, "max_fields": 10, "max_part_size": SMALL_BODY}
+
+    @forms.post("/search", response_model=SearchResult, include_in_schema=False,
+                dependencies=[Depends(given_once(SearchForm))], form_limits=limits)  # fmt: skip
+    async def search_upload(form: Annotated[SearchForm, Form()], svc: Service = Depends(service)) -> Any:  # noqa: B008
+        image = await upload_bytes(form.image, "image", svc.settings)
+        return await _search(svc, image, form.k, form.where, BoxChoice.parse(form.box), form.rank)
+
+    @jsons.post("/search", response_model=SearchResult, responses=ERRORS, openapi_extra=also_as_form(SearchForm))
+    async def search(body: SearchRequest, svc: Service = Depends(service)) -> Any:  # noqa: B008
         """Search with an uploaded photo (multipart field `image`) or a photo URL (JSON `url`)."""
-        kind = content_type(request)
-        if kind in FORM_TYPES:
-            data = await form(request, ("image", "k", "box", "where", "rank"), svc.settings)
-            rank = data.get("rank", DEFAULT_RANK)
-            if rank not in RANKS:
-                raise HTTPException(422, f"rank: expected one of {', '.join(RANKS)}")
-            source: Any = await upload_bytes(data.get("image"), "image", svc.settings)
-            k = parse_k(data.get("k", 10))
-            box = BoxChoice.parse(data.get("box") if isinstance(data.get("box"), str) else None)
-            where = _where(data.get("where"))
-        elif kind == "application/json":
-            try:
-                body = SearchRequest.model_validate(await json_body(request))
-            except ValueError as e:
-                raise RequestValidationError(getattr(e, "errors", lambda: [])()) from None
-            source, k, where, rank = await svc.fetch(body.url), body.k, body.where, body.rank
-            box = _box(body.box)
-        else:
-            raise HTTPException(415, "send multipart/form-data with an `image` file, or JSON with a `url`")
-        result = await anyio.to_thread.run_sync(svc.catalog.search, source, k, where, box, rank,
-                                                limiter=svc.inference)  # fmt: skip
-        svc.stats.search(result.query.took_ms)
-        return result.to_dict()
+        image = await svc.fetch(body.url)
+        return await _search(svc, image, body.k, body.where, _box(body.box), body.rank)
 
-    return api
+    return [forms, jsons]
 
 
-def _where(text: Any) -> dict[str, str] | None:
-    """A form's `where` field: a JSON object of strings, or blank for none."""
-    if not isinstance(text, str) or not text.strip():
-        return None
-    try:
-        where = json.loads(text)
-    except ValueError:
-        raise HTTPException(422, "where: expected a JSON object") from None
-    if not isinstance(where, dict) or not all(isinstance(v, str) for v in where.values()):
-        raise HTTPException(422, "where: expected a JSON object of strings")
-    return where
+async def _search(svc: Service, image: bytes, k: int, where: dict | None, box: BoxChoice, rank: str) -> dict:
+    result = await anyio.to_thread.run_sync(svc.catalog.search, image, k, where, box, rank, limiter=svc.inference)
+    svc.stats.search(result.query.took_ms)
+    return result.to_dict()
 
 
 def _box(value: int | str | BoxModel | None) -> BoxChoice:

@@ -114,12 +114,19 @@ def service(request: Request) -> Service:
 bearer = HTTPBearer(auto_error=False)
 
 
+def token_refusal(token: str | None, given: str) -> HTTPException | None:
+    """Why a request that needs the token is refused, or None: with no token set, writes are off."""
+    if token is None:
+        return HTTPException(403, "writes are disabled: start the server with LOOKALIKE_API_TOKEN set")
+    if not hmac.compare_digest(given.encode(), token.encode()):
+        return HTTPException(401, "missing or wrong bearer token")
+    return None
+
+
 def writer(credentials: HTTPAuthorizationCredentials | None = Depends(bearer),  # noqa: B008
            svc: Service = Depends(service)) -> None:  # noqa: B008  # fmt: skip
-    """Writes (and reads, with --protect-reads) need the bearer token; with no token set they are off."""
-    token = svc.settings.token
-    if token is None:
-        raise HTTPException(403, "writes are disabled: start the server with LOOKALIKE_API_TOKEN set")
-    given = credentials.credentials if credentials else ""
-    if not hmac.compare_digest(given.encode(), token.encode()):
-        raise HTTPException(401, "missing or wrong bearer token")
+    """Writes (and reads, with --protect-reads) need the bearer token (checked again here, and in the
+    OpenAPI document as its security scheme, after `gate.TokenFirst` checked it before the body)."""
+    refusal = token_refusal(svc.settings.token, credentials.credentials if credentials else "")
+    if refusal is not None:
+        raise refusal

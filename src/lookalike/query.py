@@ -1,0 +1,82 @@
+"""A query: a photo -> boxes -> crop -> vector -> the index -> ranked products.
+
+The same encoder path as indexing (`encoder.py`), so a query and the catalog's photos are embedded
+alike; products are ranked over their images' scores (`ranking.py`)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+from PIL import Image
+
+from lookalike.boxes import BoxChoice
+from lookalike.catalog import CatalogDB
+from lookalike.encoder import Encoder, Query
+from lookalike.errors import LookalikeError
+from lookalike.images import ImageInput
+from lookalike.projection import Projection
+from lookalike.ranking import check_rank, product_score
+from lookalike.results import Match, QueryInfo, SearchResult
+
+DEFAULT_RANK = "best"  # chosen on the benchmark suites (BENCHMARKS.md)
+
+
+class Searcher:
+    """Searches one catalog's store with the query encoder it is handed (the catalog swaps it after
+    tuning; see `Catalog._follow`)."""
+
+    def __init__(self, store: CatalogDB, projection: Projection, encoder: Callable[[], Encoder]):
+        self.store, self.projection, self.encoder = store, projection, encoder
+
+    def fetch(self, source: ImageInput) -> bytes:
+        return self.encoder().photo(source).data
+
+    def load(self, image: ImageInput | Image.Image) -> Image.Image:
+        if isinstance(image, Image.Image):
+            return image.convert("RGB")
+        return self.encoder().load(image)
+
+    def detect(self, image: ImageInput | Image.Image | Query) -> Query:
+        if isinstance(image, Query):
+            return image
+        img = self.load(image)
+        return Query(img, self.encoder().detect(img))
+
+    def embed(self, image: ImageInput | Image.Image) -> np.ndarray:
+        return self.encoder().encode(self.load(image)).vector
+
+    def search(self, image: ImageInput | Image.Image | Query, k: int, where: dict[str, str] | None,
+               box: BoxChoice | None, rank: str) -> SearchResult:  # fmt: skip
+        t0 = time.perf_counter()
+        query = self.detect(image)
+        img, boxes = query.image, query.boxes
+        box = box or BoxChoice()
+        if not isinstance(box, BoxChoice):
+            raise LookalikeError(f"box must be a BoxChoice (BoxChoice.parse('0'), .whole(), .manual(...)), not {box!r}")
+        out = self.encoder().encode(img, box=box.resolve(boxes, img), boxes=boxes, whole=box.kind == "whole")
+        matches = self.search_vector(out.vector, k, where, rank)
+        info = QueryInfo(boxes, out.crop.box, out.crop.path, (time.perf_counter() - t0) * 1000)
+        return SearchResult(info, matches)
+
+    def search_vector(self, vector: np.ndarray, k: int, where: dict[str, str] | None, rank: str) -> list[Match]:
+        """Products ranked by a score over their images; each match shows its best image. The index is
+        asked for more images until k products are found (or the catalog has no more)."""
+        if k < 1:
+            raise LookalikeError(f"k must be at least 1 (got {k})")
+        check_rank(rank)
+        n = max(4 * k, 32)
+        query = self.projection.query(vector)
+        while True:
+            hits = self.store.search(query, n, where)
+            groups: dict[str, list] = {}
+            for h in hits:
+                groups.setdefault(h.product_id, []).append(h)
+            if len(groups) >= k or len(hits) < n:
+                break
+            n *= 4
+        scored = sorted(((product_score([h.score for h in g], rank), g[0]) for g in groups.values()),
+                        key=lambda pair: -pair[0])[:k]  # fmt: skip
+        metadata = self.store.products([h.product_id for _, h in scored])
+        return [Match(h.product_id, score, h.image, metadata.get(h.product_id, {})) for score, h in scored]
