@@ -19,8 +19,10 @@ from PIL import Image
 
 from lookalike.errors import LookalikeError
 from lookalike.models import onnx_metadata
-from lookalike.onnx import session
+from lookalike.onnx import image_tensor, session
 
+SSD_SCALE, SSD_BIAS = np.full(3, 1 / 127.5, np.float32), np.full(3, -1.0, np.float32)  # pixels to [-1, 1]
+YOLO_SCALE, YOLO_BIAS = np.full(3, 1 / 255, np.float32), np.zeros(3, np.float32)  # pixels to [0, 1]
 SHOE_CLASS = re.compile(r"footwear|boot|high heel|sandal|shoe|sneaker|slipper", re.IGNORECASE)
 
 
@@ -124,10 +126,9 @@ class SSDDetector:
 
     def __call__(self, img: Image.Image) -> list[Box]:
         w, h = img.size
-        x = np.asarray(img.resize((self.input_size, self.input_size), Image.BILINEAR), dtype=np.float32)
-        x = x / 127.5 - 1.0
-        x = x.transpose(2, 0, 1)[None] if self.nchw else x[None]
-        raw_boxes, logits = self.session.run(None, {self.input_name: np.ascontiguousarray(x)})
+        small = img.resize((self.input_size, self.input_size), Image.BILINEAR)
+        x = image_tensor(small, SSD_SCALE, SSD_BIAS, self.nchw)[None]  # pixel / 127.5 - 1
+        raw_boxes, logits = self.session.run(None, {self.input_name: x})
         raw_boxes, logits = raw_boxes[0], logits[0]
         scores = 1.0 / (1.0 + np.exp(-logits[:, self.shoe_ids]))
         best = scores.argmax(1)
@@ -176,8 +177,8 @@ class YoloV8Detector:
         canvas = Image.new("RGB", (s, s), (114, 114, 114))
         left, top = (s - nw) // 2, (s - nh) // 2
         canvas.paste(img.resize((nw, nh), Image.BILINEAR), (left, top))
-        x = (np.asarray(canvas, dtype=np.float32) / 255.0).transpose(2, 0, 1)[None]
-        out = self.session.run(None, {self.input_name: np.ascontiguousarray(x)})[0][0]  # (4+C, N)
+        x = image_tensor(canvas, YOLO_SCALE, YOLO_BIAS, nchw=True)[None]
+        out = self.session.run(None, {self.input_name: x})[0][0]  # (4+C, N)
         cls = out[4:][self.shoe_ids].T  # (N, shoe classes)
         best = cls.argmax(1)
         best_score = cls[np.arange(len(cls)), best]

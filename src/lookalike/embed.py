@@ -15,7 +15,7 @@ from PIL import Image
 
 from lookalike.errors import LookalikeError
 from lookalike.models import onnx_metadata
-from lookalike.onnx import session
+from lookalike.onnx import image_tensor, session
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -51,6 +51,8 @@ class Embedder:
         self.size = size or native
         self.mean = _floats(meta.get("lookalike.mean"), IMAGENET_MEAN)
         self.std = _floats(meta.get("lookalike.std"), IMAGENET_STD)
+        self.scale = (1.0 / self.std).reshape(3).astype(np.float32)
+        self.bias = (-self.mean / self.std).reshape(3).astype(np.float32)
         self.batchable = not isinstance(inp.shape[0], int)
         if pooling not in ("avg", "gem"):
             raise LookalikeError(f"unknown pooling {pooling!r}: use avg or gem")
@@ -58,11 +60,11 @@ class Embedder:
         self.gem_p = gem_p
         self.dim = int(self._run([Image.new("RGB", (self.size, self.size), "white")]).shape[1])
 
-    def preprocess(self, img: Image.Image) -> np.ndarray:
+    def preprocess(self, img: Image.Image, out: np.ndarray | None = None) -> np.ndarray:
+        """(pixel - mean) / std at the model's size, as pixel * (1 / std) - mean / std (same to 1e-6)."""
         if img.size != (self.size, self.size):
             img = img.resize((self.size, self.size), Image.BILINEAR)
-        x = (np.asarray(img, dtype=np.float32) - self.mean) / self.std
-        return x.transpose(2, 0, 1) if self.nchw else x
+        return image_tensor(img, self.scale, self.bias, self.nchw, out)
 
     def _pool(self, out: np.ndarray) -> np.ndarray:
         if out.ndim == 2:
@@ -74,7 +76,10 @@ class Embedder:
         return out.mean(axis=(2, 3))
 
     def _run(self, images: list[Image.Image]) -> np.ndarray:
-        batch = np.stack([self.preprocess(im) for im in images]).astype(np.float32)
+        shape = (3, self.size, self.size) if self.nchw else (self.size, self.size, 3)
+        batch = np.empty((len(images), *shape), np.float32)
+        for im, row in zip(images, batch, strict=True):
+            self.preprocess(im, row)
         if self.batchable:
             out = self.session.run(None, {self.input_name: batch})[0]
         else:
