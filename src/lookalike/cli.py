@@ -182,6 +182,19 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    which = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    with Catalog.open(args.catalog, threads=args.threads) as cat:
+        bars = Bars(args.quiet)
+        made = cat.quantize(which, progress=bars)
+        bars.close()
+        images = cat.info()["images"]
+    for name, path in made.items():
+        print(f"int8 {name}: {path}")
+    print(f"re-embedded {images} images with the int8 models")
+    return 0
+
+
 def cmd_reindex(args: argparse.Namespace) -> int:
     with Catalog.open(args.catalog, threads=args.threads, check_models=False) as cat:
         bars = Bars(args.quiet)
@@ -317,6 +330,15 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--threads", type=int, default=2)
     sp.add_argument("-q", "--quiet", action="store_true")
     sp.set_defaults(func=cmd_tune)
+
+    sp = sub.add_parser(
+        "quantize", help="run int8 models calibrated on the catalog's photos (needs lookalike[quantize])"
+    )
+    catalog_arg(sp)
+    sp.add_argument("--models", default="detector,embedder", help="which: detector, embedder or both (default)")
+    sp.add_argument("--threads", type=int, default=2)
+    sp.add_argument("-q", "--quiet", action="store_true")
+    sp.set_defaults(func=cmd_quantize)
 
     sp = sub.add_parser("reindex", help="re-embed every image with the current model files")
     catalog_arg(sp)

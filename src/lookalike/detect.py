@@ -124,11 +124,14 @@ class SSDDetector:
         self.min_score = min_score
         self.iou = iou
 
+    def input_tensor(self, img: Image.Image) -> np.ndarray:
+        """The model's input for a photo (also what int8 calibration feeds it)."""
+        small = img.resize((self.input_size, self.input_size), Image.BILINEAR)
+        return image_tensor(small, SSD_SCALE, SSD_BIAS, self.nchw)[None]  # pixel / 127.5 - 1
+
     def __call__(self, img: Image.Image) -> list[Box]:
         w, h = img.size
-        small = img.resize((self.input_size, self.input_size), Image.BILINEAR)
-        x = image_tensor(small, SSD_SCALE, SSD_BIAS, self.nchw)[None]  # pixel / 127.5 - 1
-        raw_boxes, logits = self.session.run(None, {self.input_name: x})
+        raw_boxes, logits = self.session.run(None, {self.input_name: self.input_tensor(img)})
         raw_boxes, logits = raw_boxes[0], logits[0]
         scores = 1.0 / (1.0 + np.exp(-logits[:, self.shoe_ids]))
         best = scores.argmax(1)
@@ -169,7 +172,7 @@ class YoloV8Detector:
         self.min_score = min_score
         self.iou = iou
 
-    def __call__(self, img: Image.Image) -> list[Box]:
+    def _letterbox(self, img: Image.Image) -> tuple[np.ndarray, int, int, float]:
         w, h = img.size
         s = self.input_size
         scale = min(s / w, s / h)
@@ -177,7 +180,15 @@ class YoloV8Detector:
         canvas = Image.new("RGB", (s, s), (114, 114, 114))
         left, top = (s - nw) // 2, (s - nh) // 2
         canvas.paste(img.resize((nw, nh), Image.BILINEAR), (left, top))
-        x = image_tensor(canvas, YOLO_SCALE, YOLO_BIAS, nchw=True)[None]
+        return image_tensor(canvas, YOLO_SCALE, YOLO_BIAS, nchw=True)[None], left, top, scale
+
+    def input_tensor(self, img: Image.Image) -> np.ndarray:
+        """The model's input for a photo (also what int8 calibration feeds it)."""
+        return self._letterbox(img)[0]
+
+    def __call__(self, img: Image.Image) -> list[Box]:
+        w, h = img.size
+        x, left, top, scale = self._letterbox(img)
         out = self.session.run(None, {self.input_name: x})[0][0]  # (4+C, N)
         cls = out[4:][self.shoe_ids].T  # (N, shoe classes)
         best = cls.argmax(1)

@@ -116,7 +116,7 @@ def pull(directory: Path | None = None, force: bool = False, objectron_tgz: Path
                     progress(label, n, PULL_STEPS)
 
             step(0)
-            with _quietly(label):
+            with quietly(label):
                 build(step)
             step(PULL_STEPS)
         done.append(directory / name)
@@ -127,7 +127,7 @@ PULL_STEPS = 3  # fetch, convert, check and record
 
 
 @contextlib.contextmanager
-def _quietly(what: str):
+def quietly(what: str):
     """Run converters with their stdout/stderr (C++ and Python, hence at the file-descriptor level),
     warnings and logging sent to a temporary file, shown only when they fail."""
     import logging

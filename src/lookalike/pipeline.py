@@ -278,6 +278,23 @@ class Catalog:
             raise
         return {**report, "model": str(model)}
 
+    def quantize(self, which: tuple[str, ...] = ("detector", "embedder"),
+                 progress: StageProgress | None = None) -> dict[str, str]:  # fmt: skip
+        """Run int8 versions of the catalog's models (`quantize.py`; a tuned embedder too), calibrated
+        on this catalog's own photos and saved inside it, and re-embed every image with them; as with
+        tuning, the old vectors serve searches until the new ones are complete."""
+        made = rebuild.int8_models(self.store, self.encoder, self.directory, tuple(which), progress)
+        config = replace(
+            self.config, **{name: path.relative_to(self.directory).as_posix() for name, path in made.items()}
+        )
+        try:
+            self._rebuild_vectors(config, progress)
+        except BaseException:
+            for path in made.values():
+                path.unlink(missing_ok=True)
+            raise
+        return {name: str(path) for name, path in made.items()}
+
     @staticmethod
     def check_tune_options(options: dict[str, str]) -> None:
         """Refuse unknown or out-of-range tuning options (before a job starts), without torch."""

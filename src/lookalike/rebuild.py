@@ -45,6 +45,43 @@ def tuned_model(store: CatalogDB, encoder: Encoder, directory: Path, options: di
     return asdict(report), final, tune_options.size
 
 
+def int8_models(store: CatalogDB, encoder: Encoder, directory: Path, which: tuple[str, ...],
+                progress: StageProgress | None) -> dict[str, Path]:  # fmt: skip
+    """int8 versions of the models the catalog runs now (`quantize.py`), calibrated on up to
+    CALIBRATION_IMAGES of its own photos spread over it, saved under models/ named by their hash."""
+    from lookalike.models import onnx_metadata, sha256_file
+    from lookalike.quantize import CALIBRATION_IMAGES, quantize
+
+    if unknown := set(which) - {"detector", "embedder"}:
+        raise LookalikeError(f"int8 models: {', '.join(sorted(unknown))}? expected detector and/or embedder")
+    keys = sorted(store.known())
+    picked = keys[:: max(1, len(keys) // CALIBRATION_IMAGES)][:CALIBRATION_IMAGES]
+    det, emb = encoder.models.detector, encoder.models.embedder
+    inputs: dict[str, list[np.ndarray]] = {"detector": [], "embedder": []}
+    report = stage(progress, "calibration photos")
+    for n, (_, image) in enumerate(picked, 1):
+        try:
+            img = encoder.load(image)
+        except LookalikeError:
+            continue  # an unreadable photo calibrates nothing
+        inputs["detector"].append(det.input_tensor(img))
+        inputs["embedder"].append(emb.preprocess(encoder.crop(img).image)[None])
+        if report:
+            report(n, len(picked))
+    folder = directory / "models"
+    folder.mkdir(exist_ok=True)
+    out = {}
+    for name in which:
+        model = det if name == "detector" else emb
+        if "lookalike.int8_of" in onnx_metadata(model.session):
+            raise LookalikeError(f"{directory}: its {name} is int8 already ({encoder.model_files()[name]})")
+        src = encoder.model_files()[name]
+        tmp = quantize(src, folder / f".int8-{name}-{os.getpid()}.onnx", model.input_name, inputs[name])
+        out[name] = folder / f"int8-{name}-{sha256_file(tmp)[:16]}.onnx"
+        os.replace(tmp, out[name])
+    return out
+
+
 Rebuilt = dict[tuple[str, str], tuple[np.ndarray, str, dict | None]]  # (product, image) -> (vector, crop, box)
 
 
