@@ -27,8 +27,8 @@ def http_error_response(e: StarletteHTTPException, headers: dict[str, str] | Non
 
 def install(app: FastAPI) -> None:
     """The error handlers: LookalikeError 400 (503 for a missing model), validation 422 (unparseable
-    JSON 400), HTTP errors
-    with their headers (Allow on a 405 lists every method of the path), anything else a bare 500."""
+    JSON 400), HTTP errors with their headers (Allow on a 405 lists every method of the path),
+    anything else a bare 500."""
 
     @app.exception_handler(LookalikeError)
     async def lookalike_error(_: Request, e: LookalikeError) -> JSONResponse:
