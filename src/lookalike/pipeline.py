@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lookalike import models, rebuild
+from lookalike import indexing, models, rebuild
 from lookalike.boxes import BoxChoice
-from lookalike.catalog import CatalogDB, ImageRecord
+from lookalike.catalog import CatalogDB
 from lookalike.config import PipelineConfig
 from lookalike.detect import Box
-from lookalike.encoder import Encoder, Progress, Query, StageProgress, run_parallel, safely, stage
+from lookalike.encoder import Encoder, Progress, Query, StageProgress
 from lookalike.errors import LookalikeError, VectorsChangedError
 from lookalike.images import DEFAULT_LIMITS, ImageInput, ImageSource, Limits
 from lookalike.index import BACKENDS
@@ -29,7 +29,8 @@ from lookalike.projection import Projection
 from lookalike.query import DEFAULT_RANK, Searcher
 from lookalike.ranking import RANKS
 from lookalike.results import IndexReport, Match, QueryInfo, SearchResult
-from lookalike.sources import Item, SourceProblem, iter_source, source_id
+from lookalike.sources import Item
+from lookalike.uploads import Uploads
 
 # What the faces (CLI, app, API, eval) and Python users call; nothing below this module is theirs.
 __all__ = [
@@ -49,6 +50,7 @@ class Catalog:
         self.threads = max(1, threads)
         self.limits = limits
         self._use(config)
+        self.uploads = Uploads(self.directory, store)
         self.projection = Projection(store)
         self.searcher = Searcher(store, self.projection, lambda: self.query_encoder)
 
@@ -151,74 +153,15 @@ class Catalog:
         or the API are never touched), failures are reported and kept out. With dry_run nothing is
         embedded or written: the report says what would be. `source_name` names an iterable source."""
         t0 = time.perf_counter()
-        sid = source_id(source) if isinstance(source, str | Path) else (source_name or "python")
-        report = IndexReport(source=sid, dry_run=dry_run)
-        items: list[Item] = []
-        for entry in iter_source(source) if isinstance(source, str | Path) else source:
-            if isinstance(entry, SourceProblem):
-                (report.warnings if entry.warning else report.failed).append((entry.where, entry.reason))
-            else:
-                items.append(Item(entry.product_id, _absolute(entry.image), entry.metadata))
-        known = self.store.known()
-        seen = {(it.product_id, it.image) for it in items}
-        prepare = safely(lambda item: self._prepare(item, known, sid, embed=not dry_run))
-        claimed: list[tuple[str, str]] = []
-        for batch in run_parallel(prepare, items, self.threads, stage(progress, "indexing")):
-            pending: list[ImageRecord] = []
-            for item, outcome in batch:
-                key = (item.product_id, item.image)
-                if isinstance(outcome, ImageRecord):
-                    pending.append(outcome)
-                    report.updated += key in known
-                    report.added += key not in known
-                    report.crops[outcome.crop] = report.crops.get(outcome.crop, 0) + 1
-                elif outcome is None:
-                    report.unchanged += 1
-                    if known[key][1] != sid:
-                        claimed.append(key)
-                else:
-                    report.failed.append((item.image, outcome))
-            if not dry_run:
-                self.store.add([r for r in pending if r.vector is not None])
-        if prune:
-            report.pruned = sorted(k for k, (_, owner) in known.items() if owner in (sid, None) and k not in seen)
-            report.removed = len(report.pruned)
+        report, items, claimed = indexing.embed_source(self.store, self.encoder, source, self.threads, progress,
+                                                       prune, dry_run, source_name)  # fmt: skip
         if not dry_run:
             self._record_config()
-            if claimed:
-                self.store.claim(claimed, sid)
-            self._sync_metadata(items)
-            if report.pruned:
-                self._forget_files(self.store.remove(images=report.pruned))
+            indexing.settle(self.store, report, items, claimed, self.uploads)
             self.refresh_whitening()
             self.store.flush()
         report.seconds = time.perf_counter() - t0
         return report
-
-    def _prepare(self, item: Item, known: dict, source: str, embed: bool = True) -> ImageRecord | None:
-        """The record to store (without a vector when not embedding), or None when the image is unchanged."""
-        photo = self.encoder.photo(item.image)
-        if known.get((item.product_id, item.image), (None,))[0] == photo.sha256:
-            return None
-        if not embed:
-            self.encoder.image(photo)  # a dry run still finds the images that would fail
-            return ImageRecord(item.product_id, item.image, photo.sha256, None, "dry-run", None, item.metadata, source)
-        return self._record(self.encoder, photo, item.product_id, item.image, item.metadata, source)
-
-    @staticmethod
-    def _record(encoder: Encoder, photo, product_id: str, key: str, metadata: dict, source: str) -> ImageRecord:
-        out = encoder.encode(encoder.image(photo))
-        box = out.crop.box.to_dict() if out.crop.box else None
-        return ImageRecord(product_id, key, photo.sha256, out.vector, out.crop.path, box, metadata, source)
-
-    def _sync_metadata(self, items: list[Item]) -> None:
-        wanted: dict[str, dict] = {}
-        for it in items:
-            wanted.setdefault(it.product_id, it.metadata)
-        stored = self.store.products(list(wanted))
-        changed = {p: m for p, m in wanted.items() if p in stored and stored[p] != m}
-        if changed:
-            self.store.set_products(changed)
 
     def add_product(self, product_id: str, images: list[ImageInput], metadata: dict | None = None,
                     source: str = "api") -> dict:  # fmt: skip
@@ -230,37 +173,14 @@ class Catalog:
         records = []
         for image in images:
             photo = self.query_encoder.photo(image)
-            record = self._record(self.query_encoder, photo, product_id, "", metadata or {}, source)
+            record = indexing.record(self.query_encoder, photo, product_id, "", metadata or {}, source)
             source_ = ImageSource.of(image)
-            record.image = self._keep_upload(photo) if source_.kind == "bytes" else _absolute(source_)
+            record.image = self.uploads.keep(photo) if source_.kind == "bytes" else indexing.absolute(source_)
             records.append(record)
-        self._forget_files(self.store.add(records, replace_products=[product_id]))
+        self.uploads.forget(self.store.add(records, replace_products=[product_id]))
         self._record_config()
         self.refresh_whitening()
         return self.product(product_id) or {}
-
-    def _keep_upload(self, photo) -> str:
-        data, sha = photo.data, photo.sha256
-        folder = self.directory / "uploads" / sha[:2]
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / sha
-        if not path.exists():
-            tmp = folder / f".{sha}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        return str(path)
-
-    def _forget_files(self, images: list[str]) -> None:
-        """Delete stored uploads that no product has any more (they are content-addressed, so two
-        products may share one). Runs after the database commit: a crash in between leaves a stray
-        file, never a product without its image."""
-        uploads = self.directory / "uploads"
-        ours = [i for i in images if Path(i).parent.parent == uploads]
-        for path in set(ours) - self.store.images_in_use(ours):
-            Path(path).unlink(missing_ok=True)
 
     # -- tuning and rebuilding vectors ---------------------------------------------------------
     def tune(self, options: dict[str, str] | None = None, progress: StageProgress | None = None) -> dict:
@@ -328,7 +248,7 @@ class Catalog:
         """Drop products with all their images (and their stored uploads); returns the images removed."""
         removed = self.store.remove(products=product_ids)
         if removed:
-            self._forget_files(removed)
+            self.uploads.forget(removed)
             self.refresh_whitening()
         return len(removed)
 
@@ -409,13 +329,6 @@ class Catalog:
             "index": self.store.index_kind(),
             "config": json.loads(self.config.to_json()),
         }
-
-
-def _absolute(image: str | ImageSource) -> str:
-    """A path made absolute now, so what is stored never depends on the working directory."""
-    if isinstance(image, ImageSource):
-        return image.value if image.kind == "url" else str(Path(image.value).resolve())
-    return image if "://" in image else str(Path(image).resolve())  # another scheme fails when read
 
 
 # -- model files: set-up for the faces ---------------------------------------------------------------

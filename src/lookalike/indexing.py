@@ -1,0 +1,99 @@
+"""Indexing a source: its items -> photos -> records (detect, crop, embed) -> the store, a batch at a
+time, keeping the catalog in line with the source: unchanged photos (same bytes) are skipped, photos
+the source no longer lists are pruned, products other sources or the API added are never touched."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from lookalike.catalog import CatalogDB, ImageRecord
+from lookalike.encoder import Encoder, StageProgress, run_parallel, safely, stage
+from lookalike.images import ImageSource, Photo
+from lookalike.results import IndexReport
+from lookalike.sources import Item, SourceProblem, iter_source, source_id
+from lookalike.uploads import Uploads
+
+Key = tuple[str, str]  # (product id, image)
+
+
+def record(encoder: Encoder, photo: Photo, product_id: str, key: str, metadata: dict, source: str) -> ImageRecord:
+    """A photo's record: its vector and the crop it came from."""
+    out = encoder.encode(encoder.image(photo))
+    box = out.crop.box.to_dict() if out.crop.box else None
+    return ImageRecord(product_id, key, photo.sha256, out.vector, out.crop.path, box, metadata, source)
+
+
+def absolute(image: str | ImageSource) -> str:
+    """A path made absolute now, so what is stored never depends on the working directory."""
+    if isinstance(image, ImageSource):
+        return image.value if image.kind == "url" else str(Path(image.value).resolve())
+    return image if "://" in image else str(Path(image).resolve())  # another scheme fails when read
+
+
+def embed_source(store: CatalogDB, encoder: Encoder, source: str | Path | Iterable[Item], threads: int,
+                 progress: StageProgress | None, prune: bool, dry_run: bool, source_name: str | None,
+                 ) -> tuple[IndexReport, list[Item], list[Key]]:  # fmt: skip
+    """Embed and store the source's new or changed photos (nothing is written in a dry run). Returns
+    the report (with the images to prune), the items listed, and the unchanged images this source
+    now claims."""
+    sid = source_id(source) if isinstance(source, str | Path) else (source_name or "python")
+    report = IndexReport(source=sid, dry_run=dry_run)
+    items: list[Item] = []
+    for entry in iter_source(source) if isinstance(source, str | Path) else source:
+        if isinstance(entry, SourceProblem):
+            (report.warnings if entry.warning else report.failed).append((entry.where, entry.reason))
+        else:
+            items.append(Item(entry.product_id, absolute(entry.image), entry.metadata))
+    known = store.known()
+    seen = {(it.product_id, it.image) for it in items}
+    prepare = safely(lambda item: _prepare(encoder, item, known, sid, embed=not dry_run))
+    claimed: list[Key] = []
+    for batch in run_parallel(prepare, items, threads, stage(progress, "indexing")):
+        pending: list[ImageRecord] = []
+        for item, outcome in batch:
+            key = (item.product_id, item.image)
+            if isinstance(outcome, ImageRecord):
+                pending.append(outcome)
+                report.updated += key in known
+                report.added += key not in known
+                report.crops[outcome.crop] = report.crops.get(outcome.crop, 0) + 1
+            elif outcome is None:
+                report.unchanged += 1
+                if known[key][1] != sid:
+                    claimed.append(key)
+            else:
+                report.failed.append((item.image, outcome))
+        if not dry_run:
+            store.add([r for r in pending if r.vector is not None])
+    if prune:
+        report.pruned = sorted(k for k, (_, owner) in known.items() if owner in (sid, None) and k not in seen)
+        report.removed = len(report.pruned)
+    return report, items, claimed
+
+
+def settle(store: CatalogDB, report: IndexReport, items: list[Item], claimed: list[Key], uploads: Uploads) -> None:
+    """After the photos are stored: claim the unchanged ones, bring product metadata up to date, drop
+    what the source no longer lists (and uploads no product holds any more)."""
+    if claimed:
+        store.claim(claimed, report.source)
+    wanted: dict[str, dict] = {}
+    for it in items:
+        wanted.setdefault(it.product_id, it.metadata)
+    stored = store.products(list(wanted))
+    changed = {p: m for p, m in wanted.items() if p in stored and stored[p] != m}
+    if changed:
+        store.set_products(changed)
+    if report.pruned:
+        uploads.forget(store.remove(images=report.pruned))
+
+
+def _prepare(encoder: Encoder, item: Item, known: dict, source: str, embed: bool = True) -> ImageRecord | None:
+    """The record to store (without a vector when not embedding), or None when the image is unchanged."""
+    photo = encoder.photo(item.image)
+    if known.get((item.product_id, item.image), (None,))[0] == photo.sha256:
+        return None
+    if not embed:
+        encoder.image(photo)  # a dry run still finds the images that would fail
+        return ImageRecord(item.product_id, item.image, photo.sha256, None, "dry-run", None, item.metadata, source)
+    return record(encoder, photo, item.product_id, item.image, item.metadata, source)
