@@ -77,6 +77,21 @@ def test_stopping_tuning_half_way_leaves_the_catalog_as_it_was(tiny_catalog):
     assert not list((tiny_catalog / "models").glob("*.onnx"))  # the unfinished model is not left behind
 
 
+def test_a_tuned_embedder_is_quantized_the_same_way(tiny_catalog):
+    """int8 after tuning: the catalog's tuned model (its projection and the kept untuned half) is what
+    gets quantized, and its int8 vectors stay close to the tuned ones."""
+    with Catalog.open(tiny_catalog) as cat:
+        cat.tune(TINY)
+        tuned = cat.info()["config"]["embedder"]
+        keys = sorted(cat.store.known())
+        before = np.stack([cat.embed(image) for _, image in keys])
+        made = cat.quantize(("embedder",))
+        assert cat.info()["config"]["embedder"] != tuned and "int8-embedder" in made["embedder"]
+        after = np.stack([cat.embed(image) for _, image in keys])
+        assert after.shape == before.shape and 0.9 < float(np.mean(np.sum(before * after, axis=1))) < 0.99999
+        assert sum(cat.search(image, k=1).results[0].product_id == p for p, image in keys) >= len(keys) - 1
+
+
 def test_a_changed_model_file_is_refused_until_reindexed(tmp_path, sneaker_folder):
     embedder = conv_embedder(tmp_path / "emb.onnx", pooled=False, seed=1)
     items = [Item(p.name, str(next(p.glob("*.jpg")))) for p in sorted(sneaker_folder.iterdir())[:3]]
