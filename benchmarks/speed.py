@@ -35,7 +35,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from lookalike import Catalog
 from lookalike import catalog as catalog_module
@@ -44,9 +43,7 @@ from lookalike import encoder as encoder_module
 from lookalike import images as images_module
 from lookalike.catalog import CatalogDB, ImageRecord
 from lookalike.config import PipelineConfig
-from lookalike.detect import SSD_BIAS, SSD_SCALE
 from lookalike.encoder import Encoder
-from lookalike.onnx import image_tensor
 from lookalike.sources import Item
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,10 +156,7 @@ def model_inputs(items: list[Item]) -> list[tuple[np.ndarray, np.ndarray]]:
     out = []
     for it in items:
         img = enc.load(it.image)
-        small = img.resize((det.input_size, det.input_size), Image.BILINEAR)
-        x = image_tensor(small, SSD_SCALE, SSD_BIAS, det.nchw)[None]
-        crop = enc.crop(img).image
-        out.append((x, emb.preprocess(crop)[None]))
+        out.append((det.input_tensor(img), emb.preprocess(enc.crop(img).image)[None]))
     return out
 
 

@@ -191,11 +191,7 @@ class Catalog:
                                                   self.threads, progress)  # fmt: skip
         config = replace(self.config, embedder=model.relative_to(self.directory).as_posix(), embed_size=size,
                          whiten=0)  # fmt: skip
-        try:
-            self._rebuild_vectors(config, progress)
-        except BaseException:
-            model.unlink(missing_ok=True)
-            raise
+        self._adopt(config, [model], progress)
         return {**report, "model": str(model)}
 
     def quantize(self, which: tuple[str, ...] = ("detector", "embedder"),
@@ -207,13 +203,18 @@ class Catalog:
         config = replace(
             self.config, **{name: path.relative_to(self.directory).as_posix() for name, path in made.items()}
         )
+        self._adopt(config, list(made.values()), progress)
+        return {name: str(path) for name, path in made.items()}
+
+    def _adopt(self, config: PipelineConfig, new_files: list[Path], progress: StageProgress | None) -> None:
+        """Switch to new model files made inside the catalog: every vector rebuilt with them, or (stopped
+        or failed half-way) the files removed and the catalog as it was."""
         try:
             self._rebuild_vectors(config, progress)
         except BaseException:
-            for path in made.values():
+            for path in new_files:
                 path.unlink(missing_ok=True)
             raise
-        return {name: str(path) for name, path in made.items()}
 
     @staticmethod
     def check_tune_options(options: dict[str, str]) -> None:

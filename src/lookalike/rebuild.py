@@ -5,8 +5,11 @@ ones and the caller swaps them in one transaction; until then searches go on wit
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -19,7 +22,6 @@ def tuned_model(store: CatalogDB, encoder: Encoder, directory: Path, options: di
                 threads: int, progress: StageProgress | None) -> tuple[dict, Path, int]:  # fmt: skip
     """Train an embedder on the catalog's crops (product ids as labels; `tune.py`) and save it under
     the catalog's models/ folder, named by its hash. Returns (training report, model file, input size)."""
-    from lookalike.models import sha256_file
     from lookalike.tune import options_from_text, tune_model
 
     tune_options = options_from_text(options, size=encoder.models.embedder.size)
@@ -33,30 +35,44 @@ def tuned_model(store: CatalogDB, encoder: Encoder, directory: Path, options: di
             if not isinstance(out, str):
                 crops.append(out.image)
                 labels.append(product_id)
+    report, final = _saved(directory, "tuned", lambda dst: tune_model(crops, labels, dst, tune_options, progress,
+                                                                       threads))  # fmt: skip
+    return asdict(report), final, tune_options.size
+
+
+def _saved(directory: Path, prefix: str, write: Callable[[Path], Any]) -> tuple[Any, Path]:
+    """A model file written by `write(dst=tmp)` into the catalog's models/ folder, then named by its hash
+    (`<prefix>-<sha>.onnx`); a failed write leaves nothing behind. Returns (what write returned, file)."""
+    from lookalike.models import sha256_file
+
     folder = directory / "models"
     folder.mkdir(exist_ok=True)
-    tmp = folder / f".tuning-{os.getpid()}.onnx"
+    tmp = folder / f".{prefix}-{os.getpid()}.onnx"
     try:
-        report = tune_model(crops, labels, tmp, tune_options, progress, threads)
-        final = folder / f"tuned-{sha256_file(tmp)[:16]}.onnx"
+        result = write(dst=tmp)
+        final = folder / f"{prefix}-{sha256_file(tmp)[:16]}.onnx"
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
-    return asdict(report), final, tune_options.size
+    return result, final
 
 
 def int8_models(store: CatalogDB, encoder: Encoder, directory: Path, which: tuple[str, ...],
                 progress: StageProgress | None) -> dict[str, Path]:  # fmt: skip
     """int8 versions of the models the catalog runs now (`quantize.py`), calibrated on up to
     CALIBRATION_IMAGES of its own photos spread over it, saved under models/ named by their hash."""
-    from lookalike.models import onnx_metadata, sha256_file
+    from lookalike.models import onnx_metadata
     from lookalike.quantize import CALIBRATION_IMAGES, quantize
 
     if unknown := set(which) - {"detector", "embedder"}:
         raise LookalikeError(f"int8 models: {', '.join(sorted(unknown))}? expected detector and/or embedder")
+    det, emb = encoder.models.detector, encoder.models.embedder
+    loaded = {"detector": det, "embedder": emb}
+    for name in which:
+        if "lookalike.int8_of" in onnx_metadata(loaded[name].session):
+            raise LookalikeError(f"{directory}: its {name} is int8 already ({encoder.model_files()[name]})")
     keys = sorted(store.known())
     picked = keys[:: max(1, len(keys) // CALIBRATION_IMAGES)][:CALIBRATION_IMAGES]
-    det, emb = encoder.models.detector, encoder.models.embedder
     inputs: dict[str, list[np.ndarray]] = {"detector": [], "embedder": []}
     report = stage(progress, "calibration photos")
     for n, (_, image) in enumerate(picked, 1):
@@ -68,17 +84,16 @@ def int8_models(store: CatalogDB, encoder: Encoder, directory: Path, which: tupl
         inputs["embedder"].append(emb.preprocess(encoder.crop(img).image)[None])
         if report:
             report(n, len(picked))
-    folder = directory / "models"
-    folder.mkdir(exist_ok=True)
-    out = {}
-    for name in which:
-        model = det if name == "detector" else emb
-        if "lookalike.int8_of" in onnx_metadata(model.session):
-            raise LookalikeError(f"{directory}: its {name} is int8 already ({encoder.model_files()[name]})")
-        src = encoder.model_files()[name]
-        tmp = quantize(src, folder / f".int8-{name}-{os.getpid()}.onnx", model.input_name, inputs[name])
-        out[name] = folder / f"int8-{name}-{sha256_file(tmp)[:16]}.onnx"
-        os.replace(tmp, out[name])
+    out: dict[str, Path] = {}
+    try:
+        for name in which:
+            src = encoder.model_files()[name]
+            write = partial(quantize, src, input_name=loaded[name].input_name, inputs=inputs[name])
+            _, out[name] = _saved(directory, f"int8-{name}", write)
+    except BaseException:
+        for path in out.values():  # the first model's file when the second failed
+            path.unlink(missing_ok=True)
+        raise
     return out
 
 

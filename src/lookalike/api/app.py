@@ -24,8 +24,8 @@ def create_app(catalog_dir: str | Path, settings: ApiSettings | None = None) -> 
     app.state.service = Service(catalog, settings)
     errors.install(app)
 
-    def body_limit(method: str, path: str, content_type: str) -> int:
-        is_form = content_type.split(";")[0].strip().lower() in FORM_TYPES
+    def body_limit(method: str, path: str, media_type: str) -> int:
+        is_form = media_type in FORM_TYPES
         if method == "POST" and path == "/search" and is_form:
             return settings.max_upload_bytes + SMALL_BODY
         if method == "POST" and path == "/products" and is_form:

@@ -13,7 +13,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from lookalike.api.bodies import every_route
+from lookalike.api.bodies import content_type, every_route
 from lookalike.api.errors import http_error_response
 from lookalike.api.service import token_refusal, writer
 from lookalike.api.settings import ApiSettings
@@ -31,15 +31,14 @@ class BodyLimit:
     check sees it: a Content-Length over the limit is answered at once, and a chunked body is cut off
     as soon as the limit is passed. Nothing ever buffers or spools more than the limit."""
 
-    def __init__(self, app: ASGIApp, limit_for: Callable[[str, str, str], int]):
+    def __init__(self, app: ASGIApp, limit_for: Callable[[str, str, str], int]):  # (method, path, media type)
         self.app, self.limit_for = app, limit_for
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        limit = self.limit_for(scope["method"], scope["path"], headers.get(b"content-type", b"").decode("latin-1"))
-        length = headers.get(b"content-length")
+        limit = self.limit_for(scope["method"], scope["path"], content_type(scope))
+        length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
             return await http_error_response(BodyTooLarge(limit))(scope, receive, send)
         received = 0
