@@ -255,7 +255,7 @@ def main() -> None:
             vectors = [cat.embed(q) for q in queries[:200]]
         print("search", out["search"])
 
-        exact, hnsw = CatalogDB(big, hnsw_threshold=10**9), CatalogDB(big, hnsw_threshold=1)
+        exact, hnsw = CatalogDB(big, large_from=10**9), CatalogDB(big, large_from=1, large="hnsw")
         truth = [{h.image for h in exact.search(v, 10)} for v in vectors]
         out["hnsw"] = []
         for ef in (64, 128, 256):

@@ -87,8 +87,8 @@ def test_hnsw_recall_against_exact(tmp_path):
     data = unit(centers[rng.integers(0, 200, 6000)] + 0.35 * rng.normal(size=(6000, 64)))
     queries = unit(centers[rng.integers(0, 200, 200)] + 0.35 * rng.normal(size=(200, 64)))
     products = [f"p{i}" for i in range(len(data))]
-    exact = CatalogDB(tmp_path / "exact", hnsw_threshold=10**9)
-    hnsw = CatalogDB(tmp_path / "hnsw", hnsw_threshold=1000)
+    exact = CatalogDB(tmp_path / "exact", large_from=10**9)
+    hnsw = CatalogDB(tmp_path / "hnsw", large_from=1000, large="hnsw")
     for s in (exact, hnsw):
         s.add(records(data, products))
     assert exact.index_kind() == "exact" and hnsw.index_kind() == "hnsw"
@@ -98,7 +98,7 @@ def test_hnsw_recall_against_exact(tmp_path):
     assert recall >= 0.98
     hnsw.flush()
     assert len(list((tmp_path / "hnsw").glob("index-*.faiss"))) == 1
-    again = CatalogDB(tmp_path / "hnsw", hnsw_threshold=1000)
+    again = CatalogDB(tmp_path / "hnsw", large_from=1000, large="hnsw")
     assert [h.image for h in again.search(queries[0], 10)] == [h.image for h in hnsw.search(queries[0], 10)]
     # HNSW cannot delete in place: a removed image is filtered out at once, without a rebuild
     index = hnsw._ensure_index()
@@ -125,7 +125,7 @@ def test_migrates_a_version_1_catalog(tmp_path):
     db.commit()
     db.close()
     store = CatalogDB(tmp_path)
-    assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
     assert store.count() == (1, 1)
     assert store.search(unit(np.ones(4)), 1)[0].image == str(tmp_path.resolve() / "a.jpg")  # relative = in the catalog
 
@@ -184,6 +184,7 @@ class BruteForce:
     """A second backend written the way a new one would be: the interface and nothing else."""
 
     kind = "numpy"
+    restored = None  # saves nothing: the catalog fills it from SQLite on every open
 
     def __init__(self, directory, dim, expected, tag):
         self.ids, self.vectors = np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
@@ -205,7 +206,7 @@ class BruteForce:
     def count(self):
         return len(self.ids)
 
-    def save(self, tag):
+    def save(self, tag, note):
         pass
 
     def close(self):

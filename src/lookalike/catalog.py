@@ -9,6 +9,7 @@ it. A write is one SQLite transaction, so a killed run loses at most the batch i
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import sqlite3
@@ -22,8 +23,14 @@ import numpy as np
 from lookalike.errors import LookalikeError, VectorsChangedError
 from lookalike.index import VectorIndex, kind_of, open_index
 
+log = logging.getLogger("lookalike")
 DB_NAME = "catalog.db"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
+# a metadata value as a filter matches it: text, compared without case (ASCII, as lower() did); numbers
+# (JSON numbers, or text that reads as one, as a CSV manifest gives) also as REAL, for ranges
+_TERM = ("CAST(m.value AS TEXT), CASE WHEN m.type IN ('integer', 'real') THEN m.value "
+         "WHEN m.type = 'text' AND trim(m.value) <> '' AND trim(m.value) NOT GLOB '*[^0-9.eE+-]*' "
+         "THEN CAST(trim(m.value) AS REAL) END")  # fmt: skip
 MIGRATIONS: dict[int, list[str]] = {
     1: [
         "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -49,7 +56,38 @@ MIGRATIONS: dict[int, list[str]] = {
         "CREATE INDEX images_source ON images(source)",
         lambda db: _relative_uploads(db),
     ],
+    # v4: every image's product metadata as (key, value, number) rows, kept by triggers in the same
+    # transaction as the images and products, so a filter is an index lookup, not a JSON scan
+    4: [
+        "CREATE TABLE image_terms (image_id INTEGER NOT NULL, key TEXT NOT NULL, "
+        "value TEXT NOT NULL COLLATE NOCASE, num REAL)",
+        "CREATE INDEX image_terms_value ON image_terms(key, value, image_id)",
+        "CREATE INDEX image_terms_num ON image_terms(key, num, image_id) WHERE num IS NOT NULL",
+        "CREATE INDEX image_terms_image ON image_terms(image_id)",
+        f"""CREATE TRIGGER image_terms_add AFTER INSERT ON images BEGIN
+            INSERT INTO image_terms(image_id, key, value, num) SELECT new.id, m.key, {_TERM}
+            FROM products p, json_each(p.metadata) m WHERE p.product_id = new.product_id;
+        END""",
+        "CREATE TRIGGER image_terms_drop AFTER DELETE ON images BEGIN "
+        "DELETE FROM image_terms WHERE image_id = old.id; END",
+        f"""CREATE TRIGGER image_terms_product AFTER UPDATE OF metadata ON products
+            WHEN old.metadata IS NOT new.metadata BEGIN
+            DELETE FROM image_terms WHERE image_id IN (SELECT id FROM images WHERE product_id = new.product_id);
+            INSERT INTO image_terms(image_id, key, value, num) SELECT i.id, m.key, {_TERM}
+            FROM images i, json_each(new.metadata) m WHERE i.product_id = new.product_id;
+        END""",
+        f"""INSERT INTO image_terms(image_id, key, value, num) SELECT i.id, m.key, {_TERM}
+            FROM images i JOIN products p USING(product_id), json_each(p.metadata) m""",
+        # every removed image id, in order: with ids that only grow, (last id, last seq) is a position
+        # in the catalog's history, so a saved index or another process catches up by reading what
+        # came after it instead of diffing every id
+        "CREATE TABLE image_log (seq INTEGER PRIMARY KEY AUTOINCREMENT, image_id INTEGER NOT NULL)",
+        "CREATE TRIGGER image_log_drop AFTER DELETE ON images BEGIN "
+        "INSERT INTO image_log(image_id) VALUES (old.id); END",
+    ],
 }
+# a filter value "LOW..HIGH" (either side may be left out) is a numeric range, both ends included
+_RANGE = re.compile(r"^\s*(-?[0-9.]+(?:[eE][+-]?[0-9]+)?)?\s*\.\.\s*(-?[0-9.]+(?:[eE][+-]?[0-9]+)?)?\s*$")
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -118,7 +156,10 @@ class CatalogDB:
         self.dim = int(dim) if dim else None
         self.transform: Callable[[np.ndarray], np.ndarray] | None = None
         self._index: VectorIndex | None = None
-        self._indexed = np.zeros(0, dtype=np.int64)  # ids in the index, sorted
+        self._seen = (0, 0)  # (last image id, last image_log seq) the index has caught up with
+        self._writes = 0  # this connection's writes: with SQLite's data_version, what caches key on
+        self._allowed_cache: dict[tuple, np.ndarray] = {}
+        self._values_cache: tuple = (None, {})
 
     # -- schema -------------------------------------------------------------------------------
     def _migrate(self) -> None:
@@ -152,6 +193,7 @@ class CatalogDB:
         )
 
     def _bump_generation(self) -> None:
+        self._writes += 1
         gen = int(self.get_meta("generation") or 0) + 1
         self._set_meta("generation", str(gen))
 
@@ -182,19 +224,32 @@ class CatalogDB:
         if version == self._data_version:
             return
         self._data_version = version
+        if self._index is not None:
+            with _Transaction(self.db, write=False):
+                self._apply_changes()
+
+    def _position(self) -> tuple[int, int]:
+        last_id = self.db.execute("SELECT COALESCE(MAX(id), 0) FROM images").fetchone()[0]
+        last_seq = self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM image_log").fetchone()[0]
+        return max(last_id, self._seen[0]), max(last_seq, self._seen[1])
+
+    def _apply_changes(self) -> None:
+        """Apply to the index what was committed after `_seen` (inside a transaction): images added
+        (ids above the last one seen) and removed (the log after the last seq seen)."""
         if self._index is None:
             return
-        with _Transaction(self.db, write=False):
-            in_db = np.fromiter((r[0] for r in self.db.execute("SELECT id FROM images")), dtype=np.int64)
-            new = np.setdiff1d(in_db, self._indexed)
-            gone = np.setdiff1d(self._indexed, in_db)
-            rows = []
-            for chunk in _chunks(new.tolist(), 500):
-                q = f"SELECT id, vector FROM images WHERE id IN ({','.join('?' * len(chunk))})"
-                rows += self.db.execute(q, chunk).fetchall()
+        last_id, last_seq = self._seen
+        gone = [r[0] for r in self.db.execute("SELECT image_id FROM image_log WHERE seq > ?", (last_seq,))]
         self._unindex(gone)
-        if rows:
-            self._add_to_index([i for i, _ in rows], [np.frombuffer(v, dtype=np.float32) for _, v in rows])
+        ids, batch = [], []
+        for i, blob in self.db.execute("SELECT id, vector FROM images WHERE id > ? ORDER BY id", (last_id,)):
+            ids.append(i)
+            batch.append(np.frombuffer(blob, dtype=np.float32))
+            if len(ids) == 100_000:
+                self._add_to_index(ids, batch)
+                ids, batch = [], []
+        self._add_to_index(ids, batch)
+        self._seen = self._position()
 
     # -- the learned projection: stored here, learned and applied by the pipeline -------------------
     def projection(self) -> tuple[str | None, tuple[np.ndarray, np.ndarray] | None]:
@@ -256,6 +311,7 @@ class CatalogDB:
             dropped: set[str] = set()
             new_ids: list[int] = []
             with self._tx():
+                self._apply_changes()  # others' commits first, so the position below covers them
                 if self.get_meta("dim") is None:
                     self._set_meta("dim", str(self.dim))
                 for product_id in replace_products:
@@ -286,8 +342,10 @@ class CatalogDB:
                     new_ids.append(cur.lastrowid)
                 self._drop_empty_products()
                 self._bump_generation()
+                position = self._position()
             self._unindex(replaced)
             self._add_to_index(new_ids, [r.vector for r in records])
+            self._seen = position
             return [self._path(k) for k in sorted(dropped)]
 
     def replace_vectors(self, vectors: dict[tuple[str, str], tuple[np.ndarray, str, dict | None]],
@@ -324,6 +382,7 @@ class CatalogDB:
         with self.lock:
             rows: list[tuple[int, str]] = []
             with self._tx():
+                self._apply_changes()
                 for product_id, image in images:
                     rows += self.db.execute(
                         "SELECT id, image FROM images WHERE product_id=? AND image=?", (product_id, self._key(image))
@@ -333,7 +392,9 @@ class CatalogDB:
                 self.db.executemany("DELETE FROM images WHERE id=?", [(i,) for i, _ in rows])
                 self._drop_empty_products()
                 self._bump_generation()
+                position = self._position()
             self._unindex([i for i, _ in rows])
+            self._seen = position
             return [self._path(k) for _, k in rows]
 
     def _drop_empty_products(self) -> None:
@@ -347,6 +408,7 @@ class CatalogDB:
 
     def set_products(self, metadata: dict[str, dict]) -> None:
         with self.lock, self._tx():
+            self._writes += 1
             self.db.executemany(
                 "UPDATE products SET metadata=? WHERE product_id=?",
                 [(json.dumps(m, sort_keys=True), p) for p, m in metadata.items()],
@@ -355,21 +417,17 @@ class CatalogDB:
     def _unindex(self, ids) -> None:
         if self._index is None or not len(ids):
             return
-        ids = np.asarray(ids, dtype=np.int64)
-        self._index.remove(ids)
-        self._indexed = np.setdiff1d(self._indexed, ids)
+        self._index.remove(np.asarray(ids, dtype=np.int64))
 
     def _add_to_index(self, ids: list[int], vectors: list[np.ndarray]) -> None:
         if self._index is None or not ids:
             return
-        ids = np.asarray(ids, dtype=np.int64)
-        self._index.add(ids, self._mapped(np.stack(vectors)))
-        self._indexed = np.union1d(self._indexed, ids)
+        self._index.add(np.asarray(ids, dtype=np.int64), self._mapped(np.stack(vectors)))
 
     def _drop_index(self) -> None:
         if self._index is not None:
             self._index.close()
-        self._index, self._indexed = None, np.zeros(0, dtype=np.int64)
+        self._index, self._seen = None, (0, 0)
 
     # -- reads --------------------------------------------------------------------------------
     def count(self) -> tuple[int, int]:
@@ -404,14 +462,18 @@ class CatalogDB:
         return json.loads(row[0]), [self._path(r[0]) for r in rows]
 
     def metadata_values(self, limit: int = 50) -> dict[str, list[str]]:
-        """Distinct metadata values per key (for filter menus), keys with too many values left out."""
-        values: dict[str, set] = {}
+        """Distinct metadata values per key (for filter menus), keys with too many values left out;
+        read from the terms index and kept until the next write."""
+        key = (self._writes, self._read_data_version(), limit)
         with self.lock:
-            rows = self.db.execute("SELECT metadata FROM products").fetchall()
-        for (m,) in rows:
-            for k, v in json.loads(m).items():
-                values.setdefault(k, set()).add(str(v))
-        return {k: sorted(v) for k, v in sorted(values.items()) if len(v) <= limit}
+            if self._values_cache[0] != key:
+                values: dict[str, list[str]] = {}
+                for k, v in self.db.execute(
+                    "SELECT key, value FROM image_terms GROUP BY key, value ORDER BY key, value"
+                ):
+                    values.setdefault(k, []).append(v)
+                self._values_cache = key, {k: v for k, v in values.items() if len(v) <= limit}
+            return self._values_cache[1]
 
     def sample(self, n: int) -> list[tuple[str, str]]:
         """n images of distinct products spread evenly over the catalog."""
@@ -435,13 +497,31 @@ class CatalogDB:
             return self.db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
 
     def _allowed_ids(self, where: dict[str, str]) -> np.ndarray:
-        clauses, params = [], []
-        for key, value in where.items():  # json_each: any key, with no JSON path built from user text
-            clauses.append("EXISTS (SELECT 1 FROM json_each(p.metadata) m WHERE m.key = ? "
-                           "AND lower(CAST(m.value AS TEXT)) = lower(?))")  # fmt: skip
-            params += [str(key), str(value)]
-        q = "SELECT i.id FROM images i JOIN products p USING(product_id) WHERE " + " AND ".join(clauses)
-        return np.fromiter((r[0] for r in self.db.execute(q, params)), dtype=np.int64)
+        """Image ids whose product matches every filter: indexed lookups in image_terms, one string
+        back from SQLite (10,000 ids as rows cost more than the lookups). Cached until the next write."""
+        key = (self._writes, self._data_version, tuple(sorted((str(k), str(v)) for k, v in where.items())))
+        if key in self._allowed_cache:
+            return self._allowed_cache[key]
+        selects, params = [], []
+        for name, value in where.items():
+            bounds = _RANGE.match(str(value))
+            if bounds and any(bounds.groups()):
+                low, high = (float(b) if b else None for b in bounds.groups())
+                sql = "SELECT image_id FROM image_terms WHERE key = ? AND num IS NOT NULL"
+                sql += (" AND num >= ?" if low is not None else "") + (" AND num <= ?" if high is not None else "")
+                selects.append(sql)
+                params += [str(name), *(b for b in (low, high) if b is not None)]
+            else:
+                selects.append("SELECT image_id FROM image_terms WHERE key = ? AND value = ?")
+                params += [str(name), str(value)]
+        (text,) = self.db.execute(
+            f"SELECT group_concat(image_id) FROM ({' INTERSECT '.join(selects)})", params
+        ).fetchone()
+        ids = np.unique(np.array(text.split(","), dtype=np.int64)) if text else np.zeros(0, dtype=np.int64)
+        if len(self._allowed_cache) >= 32:
+            self._allowed_cache.clear()
+        self._allowed_cache[key] = ids
+        return ids
 
     def search(self, vector: np.ndarray, k: int, where: dict[str, str] | None = None) -> list[Hit]:
         """Top-k images for a query vector (already mapped like the index's), optionally only of
@@ -472,42 +552,49 @@ class CatalogDB:
 
     # -- the vector index ---------------------------------------------------------------------
     def _ensure_index(self) -> VectorIndex:
-        """The index, opened (or rebuilt from SQLite, in one snapshot) when there is none."""
+        """The index: its last saved snapshot caught up with what was written since, or else built
+        from SQLite (in one snapshot, even while another process writes); either way logged."""
         if self._index is not None:
             return self._index
-        with _Transaction(self.db, write=False):  # one snapshot, even while another process writes
-            generation = self.get_meta("generation") or "0"
-            ids = np.fromiter((r[0] for r in self.db.execute("SELECT id FROM images ORDER BY id")), dtype=np.int64)
+        with _Transaction(self.db, write=False):
+            count = self._count_images()
             first = self.db.execute("SELECT vector FROM images ORDER BY id LIMIT 1").fetchone()
             dim = self._mapped(np.frombuffer(first[0], dtype=np.float32)).shape[1] if first else (self.dim or 1)
-            index = open_index(self.index_name, self.directory, dim, len(ids), generation, **self.index_options)
+            index = open_index(self.index_name, self.directory, dim, count, self._space(), **self.index_options)
             if first is None:  # nothing to index yet: the vectors' size is not known, keep no index
                 return index
             self._index, self._index_dim = index, dim
-            if index.count() == len(ids):  # it saved this generation's vectors
-                self._indexed = ids
-                return index
-            if index.count():  # what it saved is not what the database holds: start afresh
+            note = getattr(index, "restored", None)
+            if note is not None:
+                self._seen = (int(note["id"]), int(note["seq"]))
+                self._apply_changes()
+                if index.count() == count:
+                    return index
+                log.warning("%s: the saved vector index does not match the database; rebuilding it", self.directory)
                 index.close()
-                index = self._index = open_index(self.index_name, self.directory, dim, len(ids), None,
-                                                 **self.index_options)  # fmt: skip
-            batch_ids, batch = [], []
-            for i, blob in self.db.execute("SELECT id, vector FROM images ORDER BY id"):
-                batch_ids.append(i)
-                batch.append(np.frombuffer(blob, dtype=np.float32))
-                if len(batch_ids) == 20_000:
-                    self._add_to_index(batch_ids, batch)
-                    batch_ids, batch = [], []
-            self._add_to_index(batch_ids, batch)
+                index = self._index = open_index(
+                    self.index_name, self.directory, dim, count, None, **self.index_options
+                )
+            if count >= 20_000:
+                log.info("%s: building the vector index of %d images from the database", self.directory, count)
+            self._seen = (0, 0)
+            self._apply_changes()
         return index
 
+    def _space(self) -> str:
+        """What the index's vectors depend on besides the images: the projection (and tuning, which
+        rewrites the vectors and the projection together). A snapshot of another space is not used."""
+        return self.get_meta("projection_version") or "0"
+
     def flush(self) -> None:
-        """Let the index persist itself for a fast next open; the data is already durable."""
+        """Let the index save a snapshot for a fast next open; the data is already durable."""
         with self.lock:
-            self._ensure_index().save(self.get_meta("generation") or "0")
+            self._ensure_index().save(self._space(), {"id": self._seen[0], "seq": self._seen[1]})
 
     def close(self) -> None:
         with self.lock:
+            if self._index is not None:
+                self._index.save(self._space(), {"id": self._seen[0], "seq": self._seen[1]})
             self._drop_index()
             self.db.close()
 

@@ -13,11 +13,14 @@ import numpy as np
 from lookalike.errors import LookalikeError
 
 # name -> "module:factory"; the factory takes (directory, dim, expected, tag, **options)
-BACKENDS = {"local": "lookalike.index.local:LocalIndex"}
+BACKENDS = {"local": "lookalike.index.local:local"}
 
 
 class VectorIndex(Protocol):
-    kind: str  # how it searches, e.g. "exact" or "hnsw": shown by `lookalike info`
+    kind: str  # how it searches, e.g. "exact" or "ivf-pq": shown by `lookalike info`
+    # the note passed to `save` with the snapshot it came back holding, None when it started empty:
+    # the catalog catches it up with what was written after that note
+    restored: dict | None
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         """Insert unit vectors under int64 ids (ids are never reused)."""
@@ -31,16 +34,16 @@ class VectorIndex(Protocol):
     def count(self) -> int:
         """Vectors searchable now."""
 
-    def save(self, tag: str) -> None:
-        """Persist for a fast next open under this tag (the catalog's generation); may do nothing."""
+    def save(self, tag: str, note: dict) -> None:
+        """Persist a snapshot for a fast next open under this tag (the vectors' space: a snapshot of
+        another one is never used), with the caller's note; may do nothing."""
 
     def close(self) -> None: ...
 
 
 def open_index(name: str, directory: Path, dim: int, expected: int, tag: str | None, **options) -> VectorIndex:
-    """The backend `name`, for `expected` vectors of size `dim`. It may come back already holding the
-    vectors it saved under `tag` (None: start empty); the caller fills it from SQLite when its count
-    says otherwise."""
+    """The backend `name`, for `expected` vectors of size `dim`. It may come back holding the snapshot
+    it saved under `tag` (None: start empty), `restored` then being that snapshot's note."""
     return backend(name)(directory, dim, expected, tag, **options)
 
 

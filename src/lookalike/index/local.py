@@ -1,48 +1,74 @@
-"""The embedded index: FAISS in memory, exact (flat inner product) for small catalogs and HNSW above
-`hnsw_threshold` vectors, saved as `index-<tag>.faiss` beside the database so a large catalog opens
-without rebuilding its graph."""
+"""The embedded index: exact search (FAISS flat inner product, in memory) for small catalogs, and from
+`large_from` vectors the compact IVF index (`compact.py`: ~200 bytes an image in memory, the vectors
+on disk), or HNSW (`large="hnsw"`: faster to query, ~5 KB an image, rebuilt after deletes) on request."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import faiss
 import numpy as np
 
+from lookalike.errors import LookalikeError
+from lookalike.index.compact import CompactIndex
 
-class LocalIndex:
-    def __init__(self, directory: Path, dim: int, expected: int, tag: str | None, hnsw_threshold: int = 20_000,
-                 hnsw_m: int = 32, ef_construction: int = 80, ef_search: int = 256):  # fmt: skip
+LARGE = ("compact", "hnsw")
+
+
+def kind_for(expected: int, large_from: int = 20_000, large: str = "compact", **_) -> str:
+    if large not in LARGE:
+        raise LookalikeError(f"index option large={large!r}: expected one of {', '.join(LARGE)}")
+    if expected < large_from:
+        return "exact"
+    return CompactIndex.kind if large == "compact" else "hnsw"
+
+
+def local(directory: Path, dim: int, expected: int, tag: str | None, large_from: int = 20_000,
+          large: str = "compact", **options):  # fmt: skip
+    """The local backend's index for `expected` vectors (an index kind is chosen when it is opened)."""
+    kind = kind_for(expected, large_from, large)
+    if kind == CompactIndex.kind:
+        return CompactIndex(directory, dim, expected, tag, **options)
+    return FlatIndex(directory, dim, tag, hnsw=kind == "hnsw", **options)
+
+
+local.kind_for = kind_for
+
+
+class FlatIndex:
+    """FAISS in memory: flat (exact) or HNSW; only an HNSW graph is saved (`index-<tag>.faiss`)."""
+
+    def __init__(self, directory: Path, dim: int, tag: str | None, hnsw: bool = False, hnsw_m: int = 32,
+                 ef_construction: int = 80, ef_search: int = 256, **_):  # fmt: skip
         self.directory = Path(directory)
         self.ef_search = ef_search
         self._deleted = np.zeros(0, dtype=np.int64)  # HNSW cannot delete: these ids are filtered out
-        self.index = self._load(tag, dim) if tag is not None else None
+        self.restored = None
+        self.index = self._load(tag, dim) if tag is not None and hnsw else None
         if self.index is None:
-            if self.kind_for(expected, hnsw_threshold) == "hnsw":
+            if hnsw:
                 inner = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
                 inner.hnsw.efConstruction = ef_construction
                 inner.hnsw.efSearch = ef_search
             else:
                 inner = faiss.IndexFlatIP(dim)
             self.index = faiss.IndexIDMap2(inner)
-        self.hnsw = isinstance(faiss.downcast_index(self.index.index), faiss.IndexHNSW)
-        self.kind = "hnsw" if self.hnsw else "exact"
-
-    @staticmethod
-    def kind_for(expected: int, hnsw_threshold: int = 20_000, **_) -> str:
-        return "hnsw" if expected >= hnsw_threshold else "exact"
+        self.hnsw = hnsw
+        self.kind = "hnsw" if hnsw else "exact"
 
     def _path(self, tag: str) -> Path:
         return self.directory / f"index-{tag}.faiss"
 
     def _load(self, tag: str, dim: int) -> faiss.Index | None:
-        path = self._path(tag)
-        if not path.exists():
+        path, note = self._path(tag), self._path(tag).with_suffix(".json")
+        if not path.exists() or not note.exists():
             return None
         try:
             index = faiss.read_index(str(path))
-        except RuntimeError:
+            self.restored = json.loads(note.read_text())
+        except (RuntimeError, ValueError):
             path.unlink(missing_ok=True)
             return None
         return index if index.d == dim else None
@@ -63,9 +89,15 @@ class LocalIndex:
         if not len(ids):
             return
         if self.hnsw:  # tombstones until the next rebuild from SQLite, instead of a rebuild per delete
-            self._deleted = np.union1d(self._deleted, ids)
+            self._deleted = np.union1d(self._deleted, np.intersect1d(ids, self._all_ids()))
         else:
             self.index.remove_ids(ids)
+
+    def _all_ids(self) -> np.ndarray:
+        return faiss.vector_to_array(self.index.id_map)
+
+    def ids(self) -> np.ndarray:
+        return np.setdiff1d(self._all_ids(), self._deleted)
 
     def count(self) -> int:
         return int(self.index.ntotal) - len(self._deleted)
@@ -94,17 +126,19 @@ class LocalIndex:
         keep = ids[0] >= 0
         return ids[0][keep].astype(np.int64), scores[0][keep]
 
-    def save(self, tag: str) -> None:
-        """Only an HNSW graph is worth a file (a flat index rebuilds in milliseconds from SQLite)."""
+    def save(self, tag: str, note: dict) -> None:
+        """Only an HNSW graph is worth a file (a flat index rebuilds in milliseconds from SQLite); not
+        one with tombstones (they would come back: the note says they were applied)."""
         target = self._path(tag)
-        for old in self.directory.glob("index-*.faiss"):
-            if old != target:
+        for old in [*self.directory.glob("index-*.faiss"), *self.directory.glob("index-*.json")]:
+            if old.stem != target.stem:
                 old.unlink(missing_ok=True)
-        if not self.hnsw or len(self._deleted) or target.exists():
+        if not self.hnsw or len(self._deleted):
             return
         tmp = target.with_suffix(".tmp")
         faiss.write_index(self.index, str(tmp))
         tmp.replace(target)
+        target.with_suffix(".json").write_text(json.dumps(note))
 
     def close(self) -> None:
         self.index = None

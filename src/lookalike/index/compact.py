@@ -1,0 +1,193 @@
+"""The compact index for large catalogs: FAISS IVF with 4-bit product-quantized codes (fast scan) in
+memory, about 200 bytes an image, and the vectors as float16 on disk, memory-mapped, to re-rank the
+candidates by their exact inner product (recall@10 against exact search: BENCHMARKS.md "Scale").
+
+Saved as a snapshot beside the database: a manifest naming the IVF file, the row ids and the vector
+segments. Segments are immutable and each save writes only the rows added since the last one, so a
+save costs what changed and a process that has the catalog open keeps reading the files it opened.
+Removed ids are left out of results at once (tombstones) and leave the IVF lists at the next save."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import uuid
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from lookalike.index.rows import RowStore
+
+TRAIN_SIZE = 100_000  # vectors the coarse quantizer and codebooks learn from (the first ones added)
+
+
+def lists_for(expected: int) -> int:
+    """IVF lists: ~4·sqrt(n), a power of two in [16, 4096] (FAISS's own rule of thumb)."""
+    return int(min(4096, max(16, 2 ** round(math.log2(4 * math.sqrt(max(expected, 1)))))))
+
+
+class CompactIndex:
+    kind = "ivf-pq"
+
+    def __init__(self, directory: Path, dim: int, expected: int, tag: str | None, nlist: int | None = None,
+                 nprobe: int = 64, rerank: int = 200, exact_below: int = 2048, **_):  # fmt: skip
+        self.directory, self.dim = Path(directory), dim
+        self.nlist = nlist or lists_for(expected)
+        self.nprobe, self.rerank, self.exact_below = nprobe, rerank, exact_below
+        self.dead = np.zeros(0, dtype=np.int64)  # removed, still in the IVF lists until the next save
+        self.restored: dict | None = None
+        self.index: faiss.Index | None = None
+        self.rows = RowStore(dim)
+        self._dirty = False
+        if tag is not None:
+            self._load(tag)
+
+    # -- persistence ------------------------------------------------------------------------------
+    def _manifest(self, tag: str) -> Path:
+        return self.directory / f"compact-{tag}.json"
+
+    def _load(self, tag: str) -> None:
+        path = self._manifest(tag)
+        if not path.exists():
+            return
+        try:
+            m = json.loads(path.read_text())
+            if m["dim"] != self.dim:
+                return
+            index = faiss.read_index(str(self.directory / m["index"]))
+            rows = RowStore.open(self.dim, self.directory, m["ids"], m["segments"])
+        except (OSError, ValueError, KeyError, RuntimeError):
+            return  # damaged or half-deleted: the catalog rebuilds from SQLite (and says so)
+        if rows.live_count() != index.ntotal:
+            return
+        self.index, self.rows, self.nlist, self.restored = index, rows, m["nlist"], m["note"]
+
+    def save(self, tag: str, note: dict) -> None:
+        """Write what changed since the last save, then a new manifest (atomically); files no manifest
+        names are deleted (a process that opened them keeps reading them: POSIX keeps unlinked files)."""
+        if self.index is None:
+            return
+        with open(self.directory / "compact.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another process saving the same catalog waits
+            # another process's save may have deleted segments this one still reads (its manifest did
+            # not name them): they are written again from the open mapping before being named
+            self._dirty |= self.rows.restore_missing(self.directory)
+            if self._dirty or not self._manifest(tag).exists():
+                self._purge()
+                self.rows.flush(self.directory)
+                name = f"compact-{uuid.uuid4().hex[:12]}"
+                faiss.write_index(self.index, str(self.directory / f"{name}.faiss"))
+                _sync(self.directory / f"{name}.faiss")
+                ids_file = self.rows.save_ids(self.directory, f"{name}.ids.npy")
+                manifest = {"dim": self.dim, "nlist": self.nlist, "index": f"{name}.faiss", "ids": ids_file,
+                            "segments": self.rows.segment_names(), "note": note}  # fmt: skip
+                _write_atomically(self._manifest(tag), json.dumps(manifest).encode())
+                self._dirty = False
+            m = json.loads(self._manifest(tag).read_text())
+            keep = {self._manifest(tag).name, "compact.lock", m["index"], m["ids"], *(s for s, _ in m["segments"])}
+            for old in self.directory.glob("compact-*"):
+                if old.name not in keep:
+                    old.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        self.index = None
+        self.rows.close()
+
+    # -- writes ---------------------------------------------------------------------------------
+    def _build(self, vectors: np.ndarray) -> None:
+        """The IVF and its 4-bit codebooks, trained on the first vectors added (up to TRAIN_SIZE)."""
+        nlist = max(1, min(self.nlist, len(vectors) // 39))  # FAISS wants >= 39 points per list
+        m = max(d for d in range(1, self.dim // 4 + 1) if self.dim % d == 0)  # 4 dims per sub-quantizer
+        index = faiss.index_factory(self.dim, f"IVF{nlist},PQ{m}x4fs", faiss.METRIC_INNER_PRODUCT)
+        train = vectors[np.random.default_rng(0).permutation(len(vectors))[:TRAIN_SIZE]]
+        index.train(np.ascontiguousarray(train))
+        self.index, self.nlist = index, nlist
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        if not len(ids):
+            return
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        ids = np.asarray(ids, dtype=np.int64)
+        faiss.omp_set_num_threads(os.cpu_count() or 1)  # training and encoding use every core
+        try:
+            if self.index is None:
+                self._build(vectors)
+            self.index.add_with_ids(vectors, ids)
+        finally:
+            faiss.omp_set_num_threads(1)  # one query at a time is fastest on one thread (see local.py)
+        self.rows.append(ids, vectors)
+        self._dirty = True
+
+    def remove(self, ids: np.ndarray) -> None:
+        ids = self.rows.kill(np.asarray(ids, dtype=np.int64))
+        if len(ids):
+            self.dead = np.union1d(self.dead, ids)
+            self._dirty = True
+
+    def _purge(self) -> None:
+        """Take the removed ids out of the IVF lists (one pass over them), done when saving."""
+        if len(self.dead) and self.index is not None:
+            self.index.remove_ids(faiss.IDSelectorBatch(self.dead))
+            self.dead = np.zeros(0, dtype=np.int64)
+
+    # -- reads ----------------------------------------------------------------------------------
+    def count(self) -> int:
+        return self.rows.live_count()
+
+    def ids(self) -> np.ndarray:
+        return self.rows.live_ids()
+
+    def search(self, vector: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        q = np.ascontiguousarray(np.atleast_2d(vector), dtype=np.float32)
+        if self.index is None or self.count() == 0 or k <= 0:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+        if allowed is not None:
+            allowed = self.rows.present(np.asarray(allowed, dtype=np.int64))
+            if len(allowed) <= max(self.exact_below, k):  # few enough to score them all, exactly
+                return self._exact(q, allowed, k)
+        want = max(self.rerank, k)
+        nprobe = self.nprobe
+        if allowed is not None:  # a filter keeps a share of each list: probe more lists to find enough
+            nprobe = int(min(self.nlist, max(nprobe, nprobe * 0.05 * self.count() / len(allowed))))
+        while True:
+            params = faiss.SearchParametersIVF(nprobe=min(nprobe, self.nlist))
+            if allowed is not None:
+                selector = faiss.IDSelectorBatch(allowed)  # kept referenced: FAISS holds a bare pointer
+                params.sel = selector
+            _, found = self.index.search(q, want + len(self.dead), params=params)
+            found = found[0][found[0] >= 0]
+            if len(self.dead):
+                found = found[~np.isin(found, self.dead, assume_unique=False)]
+            if len(found) >= min(k, self.count() if allowed is None else len(allowed)) or nprobe >= self.nlist:
+                break
+            nprobe *= 4
+        return self._exact(q, found[:want], k)
+
+    def _exact(self, q: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if not len(ids):
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+        scores = self.rows.vectors(ids) @ q[0]
+        top = np.argsort(-scores, kind="stable")[:k]
+        return ids[top], scores[top].astype(np.float32)
+
+
+def _sync(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

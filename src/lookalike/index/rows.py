@@ -1,0 +1,177 @@
+"""The compact index's exact vectors, by image id: float16 rows in immutable segment files on disk
+(memory-mapped, so the page cache holds what searches touch) plus the rows added since the last save,
+in memory until then. Only ids and row numbers live in the process: 8 + 12 bytes an image."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+
+class _Grow:
+    """An append-only array with amortised O(1) appends (np.concatenate per add is O(n))."""
+
+    def __init__(self, dtype, width: int | None = None):
+        self.shape = (0,) if width is None else (0, width)
+        self.data = np.zeros((1024, *self.shape[1:]), dtype=dtype)
+        self.n = 0
+
+    def extend(self, values: np.ndarray) -> None:
+        need = self.n + len(values)
+        if need > len(self.data):
+            bigger = np.zeros((max(need, 2 * len(self.data)), *self.data.shape[1:]), dtype=self.data.dtype)
+            bigger[: self.n] = self.data[: self.n]
+            self.data = bigger
+        self.data[self.n : need] = values
+        self.n = need
+
+    def view(self) -> np.ndarray:
+        return self.data[: self.n]
+
+
+class RowStore:
+    def __init__(self, dim: int):
+        self.dim = dim
+        self.row_ids = _Grow(np.int64)  # row -> image id; -1 once removed
+        self.segments: list[tuple[str, int, np.memmap]] = []  # (file name, first row, rows)
+        self.saved = 0  # rows in segments; rows after that are in `delta`
+        self.delta = _Grow(np.float16, dim)
+        self._sorted: np.ndarray | None = None  # (ids sorted, their rows), rebuilt after an unordered add
+        self._sorted_ids = _Grow(np.int64)
+        self._sorted_rows = _Grow(np.int32)
+        self._live = 0
+
+    @classmethod
+    def open(cls, dim: int, directory: Path, ids_name: str, segments: list[tuple[str, int]]) -> RowStore:
+        store = cls(dim)
+        ids = np.load(directory / ids_name)
+        start = 0
+        for name, count in segments:
+            path = directory / name
+            if path.stat().st_size != count * dim * 2:
+                raise ValueError(f"{path}: size does not match its rows")
+            store.segments.append((name, start, np.memmap(path, dtype=np.float16, mode="r", shape=(count, dim))))
+            start += count
+        if start != len(ids):
+            raise ValueError("segments do not hold every row")
+        store.saved = start
+        store._append_ids(ids)
+        store._live = int((ids >= 0).sum())
+        return store
+
+    # -- ids ------------------------------------------------------------------------------------
+    def _append_ids(self, ids: np.ndarray) -> None:
+        first = self.row_ids.n
+        self.row_ids.extend(ids)
+        live = ids >= 0
+        rows = np.arange(first, first + len(ids), dtype=np.int32)[live]
+        ids = ids[live]
+        in_order = len(ids) and (self._sorted_ids.n == 0 or ids[0] > self._sorted_ids.data[self._sorted_ids.n - 1])
+        if in_order and np.all(np.diff(ids) > 0):
+            self._sorted_ids.extend(ids)
+            self._sorted_rows.extend(rows)
+        elif len(ids):  # ids came out of order: sort once, lazily
+            every = self.row_ids.view()
+            keep = np.flatnonzero(every >= 0)
+            order = np.argsort(every[keep], kind="stable")
+            self._sorted_ids, self._sorted_rows = _Grow(np.int64), _Grow(np.int32)
+            self._sorted_ids.extend(every[keep][order])
+            self._sorted_rows.extend(keep[order].astype(np.int32))
+
+    def _rows(self, ids: np.ndarray) -> np.ndarray:
+        """Row of each id, -1 where it is not here (never added, or removed)."""
+        sorted_ids, rows = self._sorted_ids.view(), self._sorted_rows.view()
+        if not len(sorted_ids):
+            return np.full(len(ids), -1, dtype=np.int64)
+        at = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+        row = rows[at].astype(np.int64)
+        ok = (sorted_ids[at] == ids) & (self.row_ids.view()[row] == ids)
+        return np.where(ok, row, -1)
+
+    def append(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        self.delta.extend(vectors.astype(np.float16))
+        self._append_ids(ids)
+        self._live += len(ids)
+
+    def kill(self, ids: np.ndarray) -> np.ndarray:
+        """Mark these ids removed; returns those that were here."""
+        rows = self._rows(ids)
+        hit = rows >= 0
+        self.row_ids.data[rows[hit]] = -1
+        self._live -= int(hit.sum())
+        return ids[hit]
+
+    def present(self, ids: np.ndarray) -> np.ndarray:
+        return ids[self._rows(ids) >= 0]
+
+    def live_count(self) -> int:
+        return self._live
+
+    def live_ids(self) -> np.ndarray:
+        ids = self.row_ids.view()
+        return np.sort(ids[ids >= 0])
+
+    # -- vectors --------------------------------------------------------------------------------
+    def vectors(self, ids: np.ndarray) -> np.ndarray:
+        """float32 vectors of these ids (all present), gathered from the segments and the delta."""
+        rows = self._rows(ids)
+        out = np.empty((len(ids), self.dim), dtype=np.float32)
+        recent = rows >= self.saved
+        out[recent] = self.delta.data[rows[recent] - self.saved]
+        for _, start, mm in self.segments:
+            mine = (rows >= start) & (rows < start + len(mm))
+            if mine.any():
+                out[mine] = mm[rows[mine] - start]
+        return out
+
+    # -- saving ---------------------------------------------------------------------------------
+    def flush(self, directory: Path) -> str | None:
+        """Write the rows added since the last save as a new segment file (synced); None if none."""
+        if not self.delta.n:
+            return None
+        name = f"compact-seg-{uuid.uuid4().hex[:12]}.f16"
+        path = directory / name
+        _write_synced(path, self.delta.view().tobytes())
+        count = self.delta.n
+        self.segments.append((name, self.saved, np.memmap(path, dtype=np.float16, mode="r", shape=(count, self.dim))))
+        self.saved += count
+        self.delta = _Grow(np.float16, self.dim)
+        return name
+
+    def restore_missing(self, directory: Path) -> bool:
+        """Write again, under new names, segments whose files are gone; True if any was."""
+        changed = False
+        for i, (name, start, mm) in enumerate(self.segments):
+            if not (directory / name).exists():
+                fresh = f"compact-seg-{uuid.uuid4().hex[:12]}.f16"
+                _write_synced(directory / fresh, np.asarray(mm).tobytes())
+                self.segments[i] = (
+                    fresh,
+                    start,
+                    np.memmap(directory / fresh, dtype=np.float16, mode="r", shape=mm.shape),
+                )
+                changed = True
+        return changed
+
+    def save_ids(self, directory: Path, name: str) -> str:
+        with open(directory / name, "wb") as f:
+            np.save(f, self.row_ids.view())
+            f.flush()
+            os.fsync(f.fileno())
+        return name
+
+    def segment_names(self) -> list[tuple[str, int]]:
+        return [(name, len(mm)) for name, _, mm in self.segments]
+
+    def close(self) -> None:
+        self.segments = []
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
