@@ -575,7 +575,9 @@ class CatalogDB:
                 index = self._index = open_index(
                     self.index_name, self.directory, dim, count, None, **self.index_options
                 )
-            if count >= 20_000:
+            if getattr(index, "damaged", None):
+                log.warning("%s: %s; rebuilding it from the database", self.directory, index.damaged)
+            if count >= 20_000 or getattr(index, "damaged", None):
                 log.info("%s: building the vector index of %d images from the database", self.directory, count)
             self._seen = (0, 0)
             self._apply_changes()

@@ -5,7 +5,9 @@ candidates by their exact inner product (recall@10 against exact search: BENCHMA
 Saved as a snapshot beside the database: a manifest naming the IVF file, the row ids and the vector
 segments. Segments are immutable and each save writes only the rows added since the last one, so a
 save costs what changed and a process that has the catalog open keeps reading the files it opened.
-Removed ids are left out of results at once (tombstones) and leave the IVF lists at the next save."""
+Removed ids are left out of results at once (tombstones, saved with the snapshot); when they pass a
+fifth of the lists, a save re-encodes the live vectors into fresh lists. (FAISS's remove_ids on
+fast-scan lists followed by adds scrambles codes in FAISS 1.15: measured, so it is never used.)"""
 
 from __future__ import annotations
 
@@ -25,20 +27,23 @@ TRAIN_SIZE = 100_000  # vectors the coarse quantizer and codebooks learn from (t
 
 
 def lists_for(expected: int) -> int:
-    """IVF lists: ~4·sqrt(n), a power of two in [16, 4096] (FAISS's own rule of thumb)."""
-    return int(min(4096, max(16, 2 ** round(math.log2(4 * math.sqrt(max(expected, 1)))))))
+    """IVF lists: ~sqrt(n), a power of two in [16, 1024]: recall follows the share of lists probed, and
+    more lists cost k-means time at build and coarse-quantizer time per query (BENCHMARKS.md "Scale")."""
+    return int(min(1024, max(16, 2 ** round(math.log2(math.sqrt(max(expected, 1)))))))
 
 
 class CompactIndex:
     kind = "ivf-pq"
 
     def __init__(self, directory: Path, dim: int, expected: int, tag: str | None, nlist: int | None = None,
-                 nprobe: int = 64, rerank: int = 200, exact_below: int = 2048, **_):  # fmt: skip
+                 nprobe: int = 32, rerank: int = 400, exact_below: int = 2048, **_):  # fmt: skip
         self.directory, self.dim = Path(directory), dim
         self.nlist = nlist or lists_for(expected)
         self.nprobe, self.rerank, self.exact_below = nprobe, rerank, exact_below
-        self.dead = np.zeros(0, dtype=np.int64)  # removed, still in the IVF lists until the next save
+        self.dead = np.zeros(0, dtype=np.int64)  # removed: still in the IVF lists, never found
+        self._not_dead = None
         self.restored: dict | None = None
+        self.damaged: str | None = None  # why a snapshot that was there could not be used
         self.index: faiss.Index | None = None
         self.rows = RowStore(dim)
         self._dirty = False
@@ -59,11 +64,14 @@ class CompactIndex:
                 return
             index = faiss.read_index(str(self.directory / m["index"]))
             rows = RowStore.open(self.dim, self.directory, m["ids"], m["segments"])
-        except (OSError, ValueError, KeyError, RuntimeError):
-            return  # damaged or half-deleted: the catalog rebuilds from SQLite (and says so)
-        if rows.live_count() != index.ntotal:
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            self.damaged = f"its saved index is damaged ({e})"  # the catalog rebuilds it from SQLite
             return
-        self.index, self.rows, self.nlist, self.restored = index, rows, m["nlist"], m["note"]
+        dead = np.load(self.directory / m["dead"]) if m.get("dead") else np.zeros(0, dtype=np.int64)
+        if rows.live_count() + len(dead) != index.ntotal:
+            self.damaged = "its saved index's rows and lists disagree"
+            return
+        self.index, self.rows, self.nlist, self.restored, self.dead = index, rows, m["nlist"], m["note"], dead
 
     def save(self, tag: str, note: dict) -> None:
         """Write what changed since the last save, then a new manifest (atomically); files no manifest
@@ -82,12 +90,14 @@ class CompactIndex:
                 faiss.write_index(self.index, str(self.directory / f"{name}.faiss"))
                 _sync(self.directory / f"{name}.faiss")
                 ids_file = self.rows.save_ids(self.directory, f"{name}.ids.npy")
+                dead_file = _save_array(self.directory / f"{name}.dead.npy", self.dead)
                 manifest = {"dim": self.dim, "nlist": self.nlist, "index": f"{name}.faiss", "ids": ids_file,
-                            "segments": self.rows.segment_names(), "note": note}  # fmt: skip
+                            "dead": dead_file, "segments": self.rows.segment_names(), "note": note}  # fmt: skip
                 _write_atomically(self._manifest(tag), json.dumps(manifest).encode())
                 self._dirty = False
             m = json.loads(self._manifest(tag).read_text())
-            keep = {self._manifest(tag).name, "compact.lock", m["index"], m["ids"], *(s for s, _ in m["segments"])}
+            keep = {self._manifest(tag).name, "compact.lock", m["index"], m["ids"], m["dead"],
+                    *(s for s, _ in m["segments"])}  # fmt: skip
             for old in self.directory.glob("compact-*"):
                 if old.name not in keep:
                     old.unlink(missing_ok=True)
@@ -125,13 +135,36 @@ class CompactIndex:
         ids = self.rows.kill(np.asarray(ids, dtype=np.int64))
         if len(ids):
             self.dead = np.union1d(self.dead, ids)
+            self._not_dead = None
             self._dirty = True
 
+    def _live_selector(self) -> faiss.IDSelector:
+        """Every id but the tombstones, built once per change of them."""
+        if self._not_dead is None:
+            dead = faiss.IDSelectorBatch(self.dead)
+            self._not_dead = faiss.IDSelectorNot(dead), dead  # FAISS holds a bare pointer to `dead`
+        return self._not_dead[0]
+
     def _purge(self) -> None:
-        """Take the removed ids out of the IVF lists (one pass over them), done when saving."""
-        if len(self.dead) and self.index is not None:
-            self.index.remove_ids(faiss.IDSelectorBatch(self.dead))
-            self.dead = np.zeros(0, dtype=np.int64)
+        """When tombstones pass a fifth of the lists: the live vectors re-encoded into fresh lists (same
+        codebooks) and a fresh row store, so dead rows cost neither scan time nor disk."""
+        if self.index is None or len(self.dead) <= 0.2 * self.index.ntotal:
+            return
+        live = self.rows.live_ids()
+        fresh, rows = faiss.clone_index(self.index), RowStore(self.dim)
+        fresh.reset()
+        faiss.omp_set_num_threads(os.cpu_count() or 1)
+        try:
+            for i in range(0, len(live), 100_000):
+                ids = live[i : i + 100_000]
+                vectors = self.rows.vectors(ids)
+                fresh.add_with_ids(vectors, ids)
+                rows.append(ids, vectors)
+        finally:
+            faiss.omp_set_num_threads(1)
+        self.rows.close()
+        self.index, self.rows, self.dead = fresh, rows, np.zeros(0, dtype=np.int64)
+        self._not_dead = None
 
     # -- reads ----------------------------------------------------------------------------------
     def count(self) -> int:
@@ -154,13 +187,13 @@ class CompactIndex:
             nprobe = int(min(self.nlist, max(nprobe, nprobe * 0.05 * self.count() / len(allowed))))
         while True:
             params = faiss.SearchParametersIVF(nprobe=min(nprobe, self.nlist))
-            if allowed is not None:
+            if allowed is not None:  # only live ids (present() above)
                 selector = faiss.IDSelectorBatch(allowed)  # kept referenced: FAISS holds a bare pointer
                 params.sel = selector
-            _, found = self.index.search(q, want + len(self.dead), params=params)
+            elif len(self.dead):
+                params.sel = self._live_selector()
+            _, found = self.index.search(q, want, params=params)
             found = found[0][found[0] >= 0]
-            if len(self.dead):
-                found = found[~np.isin(found, self.dead, assume_unique=False)]
             if len(found) >= min(k, self.count() if allowed is None else len(allowed)) or nprobe >= self.nlist:
                 break
             nprobe *= 4
@@ -172,6 +205,14 @@ class CompactIndex:
         scores = self.rows.vectors(ids) @ q[0]
         top = np.argsort(-scores, kind="stable")[:k]
         return ids[top], scores[top].astype(np.float32)
+
+
+def _save_array(path: Path, array: np.ndarray) -> str:
+    with open(path, "wb") as f:
+        np.save(f, array)
+        f.flush()
+        os.fsync(f.fileno())
+    return path.name
 
 
 def _sync(path: Path) -> None:

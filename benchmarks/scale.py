@@ -1,0 +1,287 @@
+"""A catalog of N images on this machine: build, open, RAM and disk per image, search latency and
+recall@10 against exact search, filtered search, adding and deleting (issue 13).
+
+    bin/python benchmarks/scale.py --images 1000000 --json benchmarks/out/scale-1m.json
+    bin/python benchmarks/scale.py --images 100000 --stores compact,hnsw --json benchmarks/out/scale-100k.json
+    bin/python benchmarks/scale.py --suites      # suites 1-4: R@1 through the compact index vs exact
+
+Vectors: real ones (`--real` shoe_sandal_boot catalog photos, embedded by the shipped pipeline, cached
+in the eval cache) and, to reach N, copies of them moved along the real vectors' own principal
+directions (noise shaped by their covariance, so a copy sits where other photos of similar shoes
+would: median cosine to its source 0.92, real nearest neighbours 0.83); embedding a million photos
+would take hours on 2 cores. Queries: real shopper photos (sneakers50, scene=wild), never copied.
+Each store is measured in a fresh process, so its RAM is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from suites import DATASETS, OUT, suites  # noqa: E402
+
+from lookalike.catalog import CatalogDB, ImageRecord  # noqa: E402
+from lookalike.config import PipelineConfig  # noqa: E402
+from lookalike.eval import parse_where, read_labels  # noqa: E402
+from lookalike.offline import Photos, default_cache  # noqa: E402
+
+IMAGES_PER_PRODUCT = 3
+BRANDS = 100  # the filter `brand=b07` matches 1% of products
+CHUNK = 20_000
+STORES = {"compact": {}, "hnsw": {"large": "hnsw"}}  # today's store before issue 13: HNSW over float32
+
+
+def machine() -> str:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+    return f"{os.cpu_count()} cores ({cpu}), {ram:.0f} GiB, Python {platform.python_version()}"
+
+
+def real_vectors(n_base: int, n_queries: int) -> tuple[np.ndarray, np.ndarray]:
+    photos = Photos(PipelineConfig(), 2, default_cache())
+    rows = read_labels(DATASETS / "shoe_sandal_boot" / "labels.csv", DATASETS / "shoe_sandal_boot", "category")
+    base, _ = photos.vectors([r["__path__"] for r in rows[:n_base]])
+    s50 = read_labels(DATASETS / "sneakers50" / "labels.csv", DATASETS / "sneakers50", "product")
+    wild = [r["__path__"] for r in s50 if parse_where("scene=wild")(r)]
+    step = max(1, len(wild) // n_queries)
+    queries, _ = photos.vectors(wild[::step][:n_queries])
+    ok = lambda v: v[~np.isnan(v).any(axis=1)].astype(np.float32)  # noqa: E731
+    return ok(base), ok(queries)
+
+
+class Copies:
+    """Deterministic chunks of N vectors: the real ones first, then shaped copies of them."""
+
+    def __init__(self, real: np.ndarray, total: int, spread: float = 0.7):
+        self.real, self.total, self.spread = real, total, spread
+        centred = real - real.mean(0)
+        _, s, vt = np.linalg.svd(centred, full_matrices=False)
+        self.shape = ((s / np.sqrt(len(real)))[:, None] * vt).astype(np.float32)
+
+    def chunks(self):
+        rng = np.random.default_rng(0)
+        yield 0, self.real[: self.total]
+        start = len(self.real)
+        while start < self.total:
+            n = min(CHUNK, self.total - start)
+            v = self.real[rng.integers(0, len(self.real), n)]
+            v = v + self.spread * (rng.normal(size=(n, len(self.shape))).astype(np.float32) @ self.shape)
+            yield start, v / np.linalg.norm(v, axis=1, keepdims=True)
+            start += n
+
+
+def product_of(i: int) -> int:
+    return i // IMAGES_PER_PRODUCT
+
+
+def fill(directory: Path, copies: Copies, queries: np.ndarray, options: dict) -> tuple[float, dict]:
+    """Write N images to a new catalog (SQLite only) and compute exact top-10s on the way."""
+    db = CatalogDB(directory, **options)
+    truth = TopK(queries, 10)
+    filtered = TopK(queries, 10)
+    t0 = time.perf_counter()
+    for start, v in copies.chunks():
+        ids = np.arange(start, start + len(v)).tolist()
+        truth.update(v, np.array(ids) + 1)  # image ids are 1, 2, ... in insertion order
+        brand_07 = np.array([product_of(i) % BRANDS == 7 for i in ids])
+        filtered.update(v[brand_07], np.array(ids)[brand_07] + 1)
+        db.add([ImageRecord(f"p{product_of(i)}", f"synthetic/{i}.jpg", f"{i:064x}", v[j],
+                            metadata={"brand": f"b{product_of(i) % BRANDS:02d}", "price": product_of(i) % 200})
+                for j, i in enumerate(ids)])  # fmt: skip
+        print(f"  {start + len(v):,} images written", file=sys.stderr, flush=True)
+    db.close()
+    return time.perf_counter() - t0, {"truth": truth.ids, "filtered": filtered.ids}
+
+
+class TopK:
+    def __init__(self, queries: np.ndarray, k: int):
+        self.q, self.k = queries, k
+        self.scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        self.ids = np.zeros((len(queries), k), dtype=np.int64)
+
+    def update(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        if not len(ids):
+            return
+        s = self.q @ vectors.T
+        all_s, all_i = np.hstack([self.scores, s]), np.hstack([self.ids, np.broadcast_to(ids, s.shape)])
+        top = np.argsort(-all_s, axis=1)[:, : self.k]
+        self.scores, self.ids = np.take_along_axis(all_s, top, 1), np.take_along_axis(all_i, top, 1)
+
+
+def rss() -> dict[str, int]:
+    fields = {}
+    for line in open("/proc/self/status"):
+        key, _, value = line.partition(":")
+        if key in ("RssAnon", "RssFile", "VmRSS"):
+            fields[key] = int(value.split()[0]) * 1024
+    return fields
+
+
+def measure(directory: Path, options: dict, data: Path, images: int) -> dict:
+    """In a fresh process: open, search, filter, add, delete."""
+    d = np.load(data)
+    queries, truth, filtered, extra = d["queries"], d["truth"], d["filtered"], d["extra"]
+    before = rss()
+    t0 = time.perf_counter()
+    db = CatalogDB(directory, **options)
+    db.search(queries[0], 10)
+    out = {"open_s": round(time.perf_counter() - t0, 2), "kind": db.index_kind()}
+    index = db._ensure_index()
+    lat, hits = [], 0
+    for _ in range(5):
+        for q, t in zip(queries, truth, strict=True):
+            t1 = time.perf_counter()
+            found = db.search(q, 10)
+            lat.append((time.perf_counter() - t1) * 1000)
+            hits += len({int(h.image.rsplit("/", 1)[1].split(".")[0]) + 1 for h in found} & set(t.tolist()))
+    out["search_p50_ms"] = round(statistics.median(lat), 2)
+    out["search_p99_ms"] = round(float(np.percentile(lat, 99)), 2)
+    out["recall_at_10"] = round(hits / (5 * 10 * len(queries)), 4)
+    lat, hits = [], 0
+    for q, t in zip(queries, filtered, strict=True):
+        t1 = time.perf_counter()
+        found = db.search(q, 10, where={"brand": "b07"})
+        lat.append((time.perf_counter() - t1) * 1000)
+        hits += len({int(h.image.rsplit("/", 1)[1].split(".")[0]) + 1 for h in found} & set(t.tolist()))
+        assert all(h.product_id.startswith("p") and int(h.product_id[1:]) % BRANDS == 7 for h in found)
+    out["filtered_p50_ms"] = round(statistics.median(lat), 2)
+    out["filtered_recall_at_10"] = round(hits / (10 * len(queries)), 4)
+    after = rss()
+    out["ram_bytes_per_image"] = round((after["RssAnon"] - before["RssAnon"]) / images)
+    out["ram_file_backed_bytes_per_image"] = round((after["RssFile"] - before["RssFile"]) / images)
+    out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    # delete: the top product of a query, gone from the very next search, the same index object
+    top = db.search(queries[0], 1)[0]
+    t1 = time.perf_counter()
+    db.remove(products=[top.product_id])
+    again = db.search(queries[0], 10)
+    out["delete_visible_s"] = round(time.perf_counter() - t1, 4)
+    out["delete_rebuilt_index"] = db._ensure_index() is not index
+    assert top.product_id not in {h.product_id for h in again}
+
+    # add 1,000 images (vectors given: embedding excluded), the first found by the next search
+    t1 = time.perf_counter()
+    db.add([ImageRecord(f"new{i // IMAGES_PER_PRODUCT}", f"new/{i}.jpg", f"{i:064x}", v, metadata={"brand": "new"})
+            for i, v in enumerate(extra)])  # fmt: skip
+    found = db.search(extra[0], 1)
+    out["add_1000_s"] = round(time.perf_counter() - t1, 3)
+    out["add_found"] = found[0].image.endswith("new/0.jpg")
+    t1 = time.perf_counter()
+    db.close()
+    out["close_save_s"] = round(time.perf_counter() - t1, 2)
+    return out
+
+
+def disk(directory: Path, images: int) -> dict:
+    sizes = {p.name: p.stat().st_size for p in directory.iterdir() if p.is_file()}
+    index = sum(v for k, v in sizes.items() if k.startswith(("compact", "index-")))
+    return {"disk_bytes_per_image": round(sum(sizes.values()) / images),
+            "index_disk_bytes_per_image": round(index / images)}  # fmt: skip
+
+
+def run_store(name: str, args, copies: Copies, queries: np.ndarray, work: Path) -> dict:
+    options = STORES[name]
+    directory = work / name
+    shutil.rmtree(directory, ignore_errors=True)
+    print(f"{name}: writing {args.images:,} images", file=sys.stderr, flush=True)
+    fill_s, truth = fill(directory, copies, queries, options)
+    t0 = time.perf_counter()
+    db = CatalogDB(directory, **options)
+    db.flush()  # builds the index from SQLite and saves its snapshot
+    build_s = time.perf_counter() - t0
+    db.close()
+    rng = np.random.default_rng(1)
+    extra = copies.real[rng.integers(0, len(copies.real), 1000)] + 0.05 * rng.normal(size=(1000, queries.shape[1]))
+    extra = (extra / np.linalg.norm(extra, axis=1, keepdims=True)).astype(np.float32)
+    data = work / "measure.npz"
+    np.savez(data, queries=queries, extra=extra, **truth)
+    row = {"images": args.images, "sqlite_write_s": round(fill_s, 1), "build_s": round(build_s, 1),
+           **disk(directory, args.images)}  # fmt: skip
+    child = subprocess.run([sys.executable, __file__, "--measure", str(directory), "--store", name,
+                            "--data", str(data), "--images", str(args.images)],
+                           capture_output=True, text=True, check=True)  # fmt: skip
+    row.update(json.loads(child.stdout.strip().splitlines()[-1]))
+    if not args.keep:
+        shutil.rmtree(directory, ignore_errors=True)
+    print(name, json.dumps(row), file=sys.stderr, flush=True)
+    return row
+
+
+def suite_check() -> dict:
+    """R@1 (top image's label) on suites 1-4: the compact index (forced at any size) vs exact."""
+    photos = Photos(PipelineConfig(), 2, default_cache())
+    out = {}
+    for key in ("1", "2", "3", "4"):
+        s = suites()[key]
+        rows = read_labels(s.labels, s.root, s.label)
+        vectors, _ = photos.vectors([r["__path__"] for r in rows])
+        ok = ~np.isnan(vectors).any(axis=1)
+        qi = [i for i, r in enumerate(rows) if ok[i] and r[s.label] and (not s.query or parse_where(s.query)(r))]
+        gi = [i for i, r in enumerate(rows) if ok[i] and (not s.gallery or parse_where(s.gallery)(r))]
+        r1 = {}
+        for name, options in (("exact", {"large_from": 10**9}), ("compact", {"large_from": 1})):
+            with tempfile.TemporaryDirectory() as tmp:
+                db = CatalogDB(tmp, **options)
+                db.add([ImageRecord(rows[i][s.label] or "-", f"g/{i}", "0" * 64, vectors[i]) for i in gi])
+                right = 0
+                for i in qi:
+                    hits = [h for h in db.search(vectors[i], 2) if not h.image.endswith(f"/g/{i}")]
+                    right += bool(hits) and hits[0].product_id == rows[i][s.label]
+                r1[name] = right / len(qi)
+                db.close()
+        out[s.name] = {**{k: round(v, 4) for k, v in r1.items()}, "change": round(r1["compact"] - r1["exact"], 4)}
+        print(s.name, out[s.name], file=sys.stderr, flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=100_000)
+    ap.add_argument("--stores", default="compact", help="compact (the default store) and/or hnsw (before)")
+    ap.add_argument("--real", type=int, default=6000, help="real catalog photos the copies are made from")
+    ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--dir", type=Path, default=None, help="where the catalogs are written (default: a temp dir)")
+    ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--suites", action="store_true")
+    ap.add_argument("--measure", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--store", help=argparse.SUPPRESS)
+    ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.measure:
+        print(json.dumps(measure(args.measure, STORES[args.store], args.data, args.images)))
+        return
+    out: dict = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    if args.suites:
+        out["suites"] = suite_check()
+    else:
+        base, queries = real_vectors(args.real, args.queries)
+        copies = Copies(base, args.images)
+        work = Path(args.dir or tempfile.mkdtemp(prefix="lookalike-scale-"))
+        work.mkdir(parents=True, exist_ok=True)
+        out["real_vectors"], out["queries"] = len(base), len(queries)
+        out["stores"] = {name: run_store(name, args, copies, queries, work) for name in args.stores.split(",")}
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text)
+
+
+if __name__ == "__main__":
+    OUT.mkdir(parents=True, exist_ok=True)
+    main()

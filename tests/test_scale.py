@@ -1,0 +1,178 @@
+"""Large catalogs (issue 13): the compact index, changes without rebuilds, snapshots that survive a
+kill, filters through the terms table. Real FAISS, real SQLite files, real processes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from lookalike.catalog import DB_NAME, MIGRATIONS, CatalogDB, ImageRecord
+
+
+def unit(v):
+    return (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def clustered(n, dim=64, seed=1):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(300, dim))
+    return unit(centers[rng.integers(0, 300, n)] + 0.35 * rng.normal(size=(n, dim))), rng
+
+
+def records(vectors, start=0, per_product=3):
+    out = []
+    for i, v in enumerate(vectors, start):
+        p = i // per_product
+        meta = {"brand": f"b{p % 50}", "price": str(p % 100)}
+        out.append(ImageRecord(f"p{p}", f"/img/{i}.jpg", f"{i:064x}", v, metadata=meta))
+    return out
+
+
+def test_compact_index_keeps_recall_and_applies_changes_without_a_rebuild(tmp_path, caplog):
+    data, rng = clustered(12_000)
+    queries = unit(data[rng.integers(0, len(data), 100)] + 0.1 * rng.normal(size=(100, data.shape[1])))
+    exact, compact = CatalogDB(tmp_path / "exact", large_from=10**9), CatalogDB(tmp_path / "c", large_from=5000)
+    for s in (exact, compact):
+        s.add(records(data))
+    assert exact.index_kind() == "exact" and compact.index_kind() == "ivf-pq"
+    recall = np.mean([len({h.image for h in exact.search(q, 10)} & {h.image for h in compact.search(q, 10)}) / 10
+                      for q in queries])  # fmt: skip
+    assert recall >= 0.95
+    index = compact._ensure_index()
+    top = compact.search(queries[0], 1)[0]
+    compact.remove(products=[top.product_id])  # a delete: gone from the next search, same index
+    assert top.product_id not in {h.product_id for h in compact.search(queries[0], 10)}
+    new = unit(rng.normal(size=(1000, data.shape[1])))
+    compact.add(records(new, start=len(data)))  # an add: found by the next search, same index
+    assert compact.search(new[5], 1)[0].image == f"/img/{len(data) + 5}.jpg"
+    assert compact._ensure_index() is index
+    compact.flush()
+    compact.add(records(new[:10] * -1, start=20_000))  # written after the snapshot
+    compact.remove(products=["p3"])
+    compact.close()
+
+    with caplog.at_level(logging.INFO, logger="lookalike"):
+        again = CatalogDB(tmp_path / "c", large_from=5000)
+        assert again.search(-new[3], 1)[0].image == "/img/20003.jpg"  # caught up after the snapshot
+    assert not [r for r in caplog.records if "rebuilding" in r.message or "building" in r.message]
+    assert again._ensure_index().restored is not None
+    assert again._ensure_index().count() == again.count()[1]
+    assert "p3" not in {h.product_id for h in again.search(data[9], 20)}
+    assert top.product_id not in {h.product_id for h in again.search(queries[0], 10)}
+
+
+def test_a_damaged_snapshot_is_rebuilt_from_sqlite_and_logged(tmp_path, caplog):
+    data, _ = clustered(6000)
+    store = CatalogDB(tmp_path, large_from=5000)
+    store.add(records(data))
+    store.flush()
+    store.close()
+    for f in tmp_path.glob("compact-seg-*.f16"):
+        f.write_bytes(f.read_bytes()[:1000])  # torn
+    with caplog.at_level(logging.INFO, logger="lookalike"):
+        again = CatalogDB(tmp_path, large_from=5000)
+        assert again.search(data[42], 1)[0].image == "/img/42.jpg"
+    assert any("building the vector index" in r.message for r in caplog.records)
+
+
+def test_filters_use_the_terms_index_and_find_k_when_few_match(tmp_path):
+    data, _ = clustered(9000)
+    store = CatalogDB(tmp_path, large_from=5000)
+    store.add(records(data))
+    plan = " ".join(r[-1] for r in store.db.execute(
+        "EXPLAIN QUERY PLAN SELECT image_id FROM image_terms WHERE key = 'brand' AND value = 'b7'"))  # fmt: skip
+    assert "USING COVERING INDEX image_terms_value" in plan
+    few = store.search(data[0], 10, where={"brand": "B7"})  # 2% of products, compared without case
+    assert len(few) == 10 and all(int(h.product_id[1:]) % 50 == 7 for h in few)
+    exact = sorted(((float(data[i] @ data[0]), i) for i in range(len(data)) if (i // 3) % 50 == 7), reverse=True)
+    assert [h.image for h in few] == [f"/img/{i}.jpg" for _, i in exact[:10]]
+    cheap = store.search(data[0], 50, where={"price": "..2"})  # a numeric range over text values
+    assert len(cheap) == 50 and all(int(h.product_id[1:]) % 100 <= 2 for h in cheap)
+    store.set_products({"p0": {"brand": "rare"}})  # a metadata change moves the product's terms
+    assert {h.product_id for h in store.search(data[0], 10, where={"brand": "rare"})} == {"p0"}
+    assert "brand" not in store.metadata_values() and store.metadata_values(100)["brand"][:2] == ["b0", "b1"]
+
+
+def test_v4_migration_fills_the_terms_of_an_existing_catalog(tmp_path):
+    db = sqlite3.connect(tmp_path / DB_NAME)
+    for v in (1, 2, 3):
+        for stmt in MIGRATIONS[v]:
+            stmt(db) if callable(stmt) else db.execute(stmt)
+    db.execute("""INSERT INTO products VALUES ('p', '{"brand": "Nike", "price": 80}'), ('q', '{"brand": "Vans"}')""")
+    for pid in ("p", "q"):
+        db.execute("INSERT INTO images(product_id, image, sha256, vector, crop) VALUES (?, ?, 's', ?, 'whole')",
+                   (pid, f"/{pid}.jpg", unit(np.ones((1, 4)))[0].tobytes()))  # fmt: skip
+    db.execute("INSERT INTO meta VALUES ('dim', '4')")
+    db.execute("PRAGMA user_version=3")
+    db.commit()
+    db.close()
+    store = CatalogDB(tmp_path)
+    assert [h.product_id for h in store.search(unit(np.ones(4)), 5, where={"brand": "nike"})] == ["p"]
+    assert [h.product_id for h in store.search(unit(np.ones(4)), 5, where={"price": "50..100"})] == ["p"]
+
+
+WORKER = textwrap.dedent("""
+    import sys, numpy as np
+    from lookalike.catalog import CatalogDB, ImageRecord
+    rng = np.random.default_rng(int(sys.argv[2]))
+    store = CatalogDB(sys.argv[1], large_from=2000)
+    step = 0
+    while True:
+        v = rng.normal(size=(50, 32)).astype(np.float32)
+        v /= np.linalg.norm(v, axis=1, keepdims=True)
+        base = 100_000 + step * 50
+        store.add([ImageRecord(f"n{base + i}", f"/n/{base + i}.jpg", f"{base + i:064x}", x) for i, x in enumerate(v)])
+        print("added", base, flush=True)
+        store.remove(products=[f"n{base + 7}", f"p{step}"])
+        print("removed", base + 7, step, flush=True)
+        if step % 5 == 0:
+            store.flush()  # a snapshot now and then, so the kill lands on one being caught up
+        step += 1
+""")
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_killed_writer_leaves_a_catalog_with_every_acknowledged_change(tmp_path, seed):
+    rng = np.random.default_rng(seed)
+    base = unit(rng.normal(size=(3000, 32)))
+    store = CatalogDB(tmp_path, large_from=2000)
+    store.add([ImageRecord(f"p{i}", f"/p/{i}.jpg", f"{i:064x}", v) for i, v in enumerate(base)])
+    store.flush()
+    store.close()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-c", WORKER, str(tmp_path), str(seed + 100)], stdout=subprocess.PIPE,
+                            text=True, env=env)  # fmt: skip
+    lines = []
+    deadline = time.monotonic() + 60
+    while len(lines) < 40 + 17 * seed and time.monotonic() < deadline:
+        lines.append(proc.stdout.readline().strip())
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    lines += [ln.strip() for ln in proc.stdout.read().splitlines()]  # acknowledged before the kill
+    added = [int(ln.split()[1]) for ln in lines if ln.startswith("added")]
+    removed = [ln.split()[1:] for ln in lines if ln.startswith("removed")]
+    assert len(added) >= 20
+
+    again = CatalogDB(tmp_path, large_from=2000)
+    gone = {f"n{r[0]}" for r in removed} | {f"p{r[1]}" for r in removed}
+    wrng = np.random.default_rng(seed + 100)  # the worker's vectors, drawn again
+    for b in added:
+        v = wrng.normal(size=(50, 32)).astype(np.float32)
+        v /= np.linalg.norm(v, axis=1, keepdims=True)
+        hits = again.search(v[3], 1)
+        assert hits[0].image == f"/n/{b + 3}.jpg"
+    for step in range(len(removed)):
+        hits = {h.product_id for h in again.search(base[step], 10)}
+        assert not hits & gone
+    assert again._ensure_index().count() == again.count()[1]
+    products = {p for p, _ in again.known()}
+    assert not products & gone
