@@ -176,3 +176,30 @@ def test_a_killed_writer_leaves_a_catalog_with_every_acknowledged_change(tmp_pat
     assert again._ensure_index().count() == again.count()[1]
     products = {p for p, _ in again.known()}
     assert not products & gone
+
+
+def test_a_new_projection_is_built_beside_the_live_index_and_swapped_in(tmp_path):
+    from lookalike.embed import Whitening
+
+    rng = np.random.default_rng(3)
+    vecs = unit(rng.normal(size=(6000, 32)) * np.linspace(3, 0.1, 32))
+    store = CatalogDB(tmp_path, large_from=10**9)
+    store.rebuild_beside_from = 1000
+    store.add(records(vecs))
+    live = store._ensure_index()
+    assert store.search(vecs[5], 1)[0].image == "/img/5.jpg"
+    whitening = Whitening.fit(store.vectors(), 8, power=0.5)
+    store.set_projection((whitening.mean, whitening.matrix))
+    store.set_transform(whitening)
+    # until the swap the live index answers, with the transform it was built with; writes go on
+    assert store._index is live or store._index.index.d == 8
+    store.add(records(-vecs[:3], start=50_000))
+    store.remove(products=["p1"])
+    store.wait_for_rebuild(60)
+    assert store._index is not live and store._index.index.d == 8 and store.transform is whitening
+    mapped = whitening(vecs)
+    expected = int(np.argmax(np.where((np.arange(6000) // 3) == 1, -np.inf, mapped @ mapped[5])))
+    assert store.search(vecs[5], 1)[0].image == f"/img/{expected}.jpg"  # exact search, in the new space
+    assert store.search(-vecs[0], 1)[0].image == "/img/50000.jpg"  # written during the build
+    assert "p1" not in {h.product_id for h in store.search(vecs[3], 10)}
+    assert store._index.count() == store.count()[1]

@@ -128,8 +128,10 @@ UPLOADS = "uploads"
 class CatalogDB:
     """Records in SQLite and the vectors in a `VectorIndex` kept in line with them (also with writes of
     other processes, e.g. an `index` run beside a server). Vectors are stored as embedded; `transform`
-    (the pipeline's learned projection, if any) maps them to what the index holds, and queries come
-    already mapped."""
+    (the pipeline's learned projection, if any) maps them, and queries, to what the index holds: the
+    two change together, so a large index is rebuilt beside the live one and swapped in."""
+
+    rebuild_beside_from = 20_000  # images from which a new transform's index is built in the background
 
     def __init__(self, directory: Path | str, index: str | None = None, **index_options):  # fmt: skip
         """`index`: the vector index backend; None = the one the catalog recorded ("local" for a new one)."""
@@ -157,6 +159,8 @@ class CatalogDB:
         self.transform: Callable[[np.ndarray], np.ndarray] | None = None
         self._index: VectorIndex | None = None
         self._seen = (0, 0)  # (last image id, last image_log seq) the index has caught up with
+        self._pending = None  # a transform whose index is being built beside the live one
+        self._builder: threading.Thread | None = None
         self._writes = 0  # this connection's writes: with SQLite's data_version, what caches key on
         self._allowed_cache: dict[tuple, np.ndarray] = {}
         self._values_cache: tuple = (None, {})
@@ -211,7 +215,8 @@ class CatalogDB:
             return image
 
     def _path(self, key: str) -> str:
-        return key if "://" in key or os.path.isabs(key) else str(self.directory / key)
+        # string joining, not Path: it runs for every hit of every search
+        return key if "://" in key or key.startswith("/") else f"{self.directory}{os.sep}{key}"
 
     # -- seeing other processes' writes ---------------------------------------------------------
     def _read_data_version(self) -> int:
@@ -279,14 +284,60 @@ class CatalogDB:
         self._bump_generation()
 
     def set_transform(self, transform: Callable[[np.ndarray], np.ndarray] | None) -> None:
-        """Index vectors through `transform` from now on (the index is rebuilt on the next search)."""
+        """Index vectors (and map queries) through `transform` from now on. A small or unbuilt index is
+        dropped and built on the next search; a large one keeps answering, with the old transform,
+        while the new one is built from a snapshot in a thread, then caught up and swapped in."""
         with self.lock:
-            self.transform = transform
-            self._drop_index()
+            if self._index is None or self._index.count() < self.rebuild_beside_from:
+                self.transform = transform
+                self._drop_index()
+                return
+            self._pending = transform
+            self._builder = threading.Thread(target=self._build_beside, args=(transform,), daemon=True)
+            self._builder.start()
+
+    def _build_beside(self, transform: Callable[[np.ndarray], np.ndarray] | None) -> None:
+        db = connect(self.directory / DB_NAME)
+        try:
+            with _Transaction(db, write=False):
+                count = db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+                first = db.execute("SELECT vector FROM images ORDER BY id LIMIT 1").fetchone()
+                mapped = _mapper(transform)
+                dim = mapped(np.frombuffer(first[0], dtype=np.float32)).shape[1]
+                log.info("%s: building the index for the new projection beside the live one", self.directory)
+                index = open_index(self.index_name, self.directory, dim, count, None, **self.index_options)
+                ids, batch = [], []
+                for i, blob in db.execute("SELECT id, vector FROM images ORDER BY id"):
+                    ids.append(i)
+                    batch.append(np.frombuffer(blob, dtype=np.float32))
+                    if len(ids) == 100_000:
+                        index.add(np.asarray(ids, dtype=np.int64), mapped(np.stack(batch)))
+                        ids, batch = [], []
+                if ids:
+                    index.add(np.asarray(ids, dtype=np.int64), mapped(np.stack(batch)))
+                position = (db.execute("SELECT COALESCE(MAX(id), 0) FROM images").fetchone()[0],
+                            db.execute("SELECT COALESCE(MAX(seq), 0) FROM image_log").fetchone()[0])  # fmt: skip
+        finally:
+            db.close()
+        with self.lock:
+            if self._pending is not transform or self._index is None:  # superseded, or dropped meanwhile
+                index.close()
+                return
+            old = self._index
+            self._index, self.transform, self._seen = index, transform, position
+            self._pending = None
+            with _Transaction(self.db, write=False):
+                self._apply_changes()  # what was written while it was built
+            old.close()
+
+    def wait_for_rebuild(self, timeout: float | None = None) -> None:
+        """Block until a rebuild running beside the live index has swapped in (tests, benchmarks)."""
+        builder = self._builder
+        if builder is not None:
+            builder.join(timeout)
 
     def _mapped(self, vectors: np.ndarray) -> np.ndarray:
-        vectors = np.atleast_2d(vectors).astype(np.float32)
-        return self.transform(vectors) if self.transform is not None else vectors
+        return _mapper(self.transform)(vectors)
 
     def vectors(self) -> np.ndarray:
         """Every stored vector, as embedded (what a projection is learned on)."""
@@ -427,7 +478,7 @@ class CatalogDB:
     def _drop_index(self) -> None:
         if self._index is not None:
             self._index.close()
-        self._index, self._seen = None, (0, 0)
+        self._index, self._seen, self._pending = None, (0, 0), None
 
     # -- reads --------------------------------------------------------------------------------
     def count(self) -> tuple[int, int]:
@@ -524,15 +575,16 @@ class CatalogDB:
         return ids
 
     def search(self, vector: np.ndarray, k: int, where: dict[str, str] | None = None) -> list[Hit]:
-        """Top-k images for a query vector (already mapped like the index's), optionally only of
-        products whose metadata match `where`."""
+        """Top-k images for a query vector (as embedded: mapped here by the transform the live index
+        was built with), optionally only of products whose metadata match `where`."""
         with self.lock:
             self._catch_up()
             index = self._ensure_index()
             if index.count() == 0 or k <= 0:
                 return []
-            if vector.shape[-1] != self._index_dim:
+            if self.dim is not None and vector.shape[-1] != self.dim:
                 raise VectorsChangedError("the catalog's vectors were rebuilt (tuned) during this search: search again")
+            vector = self._mapped(vector)[0]
             allowed = None
             if where:
                 allowed = self._allowed_ids(where)
@@ -563,7 +615,7 @@ class CatalogDB:
             index = open_index(self.index_name, self.directory, dim, count, self._space(), **self.index_options)
             if first is None:  # nothing to index yet: the vectors' size is not known, keep no index
                 return index
-            self._index, self._index_dim = index, dim
+            self._index = index
             note = getattr(index, "restored", None)
             if note is not None:
                 self._seen = (int(note["id"]), int(note["seq"]))
@@ -599,6 +651,19 @@ class CatalogDB:
                 self._index.save(self._space(), {"id": self._seen[0], "seq": self._seen[1]})
             self._drop_index()
             self.db.close()
+
+
+def _mapper(transform: Callable[[np.ndarray], np.ndarray] | None) -> Callable[[np.ndarray], np.ndarray]:
+    def mapped(vectors: np.ndarray) -> np.ndarray:
+        vectors = np.atleast_2d(vectors).astype(np.float32)
+        return transform(vectors) if transform is not None else vectors
+
+    return mapped
+
+
+def _meta(db: sqlite3.Connection, key: str) -> str | None:
+    row = db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+    return row[0] if row else None
 
 
 def _relative_uploads(db: sqlite3.Connection) -> None:

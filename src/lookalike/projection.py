@@ -5,8 +5,6 @@ here: the store keeps vectors as embedded, so a refit needs no re-embedding."""
 
 from __future__ import annotations
 
-import numpy as np
-
 from lookalike.catalog import CatalogDB
 from lookalike.config import PipelineConfig
 from lookalike.embed import WHITEN_MIN_IMAGES, WHITEN_REFIT_CHANGE, Whitening, learn_whitening
@@ -28,10 +26,6 @@ class Projection:
         """Reload when another process (or a tuning job) stored a new projection."""
         if self.store.projection_version() != self.version:
             self.load()
-
-    def query(self, vector: np.ndarray) -> np.ndarray:
-        """A query vector in the index's space."""
-        return self.whitening(vector)[0] if self.whitening is not None else vector
 
     def dim(self, stored: int | None) -> int | None:
         return self.whitening.dim if self.whitening is not None else stored

@@ -67,9 +67,8 @@ class Searcher:
             raise LookalikeError(f"k must be at least 1 (got {k})")
         check_rank(rank)
         n = max(4 * k, 32)
-        query = self.projection.query(vector)
         while True:
-            hits = self.store.search(query, n, where)
+            hits = self.store.search(vector, n, where)  # the store maps it like its live index
             groups: dict[str, list] = {}
             for h in hits:
                 groups.setdefault(h.product_id, []).append(h)
