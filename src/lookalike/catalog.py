@@ -641,14 +641,20 @@ class CatalogDB:
         return self.get_meta("projection_version") or "0"
 
     def flush(self) -> None:
-        """Let the index save a snapshot for a fast next open; the data is already durable."""
+        """Let the index save a snapshot for a fast next open; the data is already durable. A rebuild
+        running beside the live index is waited for: the live one is of the old projection."""
+        self.wait_for_rebuild()
         with self.lock:
             self._ensure_index().save(self._space(), {"id": self._seen[0], "seq": self._seen[1]})
 
     def close(self) -> None:
+        """Close, saving the index's snapshot first (a read-only catalog just says why it could not)."""
         with self.lock:
-            if self._index is not None:
-                self._index.save(self._space(), {"id": self._seen[0], "seq": self._seen[1]})
+            if self._index is not None and self._pending is None:
+                try:
+                    self._index.save(self._space(), {"id": self._seen[0], "seq": self._seen[1]})
+                except OSError as e:
+                    log.warning("%s: index snapshot not saved (%s); the next open catches up", self.directory, e)
             self._drop_index()
             self.db.close()
 
