@@ -1,6 +1,7 @@
-"""The compact index for large catalogs: FAISS IVF with 4-bit product-quantized codes (fast scan) in
-memory, about 200 bytes an image, and the vectors as float16 on disk, memory-mapped, to re-rank the
-candidates by their exact inner product (recall@10 against exact search: BENCHMARKS.md "Scale").
+"""The compact index for large catalogs, three stages: FAISS IVF with 4-bit product-quantized codes
+(fast scan, 160 bytes an image) finds candidates, 4-bit scalar-quantized vectors in memory (640
+bytes) re-rank them, and float16 vectors on disk give the few returned their exact inner product
+(`rows.py`; recall@10 against exact search and RAM per image: BENCHMARKS.md "Scale").
 
 Saved as a snapshot beside the database: a manifest naming the IVF file, the row ids and the vector
 segments. Segments are immutable and each save writes only the rows added since the last one, so a
@@ -36,7 +37,7 @@ class CompactIndex:
     kind = "ivf-pq"
 
     def __init__(self, directory: Path, dim: int, expected: int, tag: str | None, nlist: int | None = None,
-                 nprobe: int = 32, rerank: int = 400, exact_below: int = 2048, **_):  # fmt: skip
+                 nprobe: int = 64, rerank: int = 1000, exact_below: int = 2048, **_):  # fmt: skip
         self.directory, self.dim = Path(directory), dim
         self.nlist = nlist or lists_for(expected)
         self.nprobe, self.rerank, self.exact_below = nprobe, rerank, exact_below
@@ -45,7 +46,7 @@ class CompactIndex:
         self.restored: dict | None = None
         self.damaged: str | None = None  # why a snapshot that was there could not be used
         self.index: faiss.Index | None = None
-        self.rows = RowStore(dim)
+        self.rows: RowStore | None = None
         self._dirty = False
         if tag is not None:
             self._load(tag)
@@ -63,7 +64,7 @@ class CompactIndex:
             if m["dim"] != self.dim:
                 return
             index = faiss.read_index(str(self.directory / m["index"]))
-            rows = RowStore.open(self.dim, self.directory, m["ids"], m["segments"])
+            rows = RowStore.open(self.dim, self.directory, m["sq"], m["ids"], m["segments"])
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             self.damaged = f"its saved index is damaged ({e})"  # the catalog rebuilds it from SQLite
             return
@@ -90,21 +91,25 @@ class CompactIndex:
                 faiss.write_index(self.index, str(self.directory / f"{name}.faiss"))
                 _sync(self.directory / f"{name}.faiss")
                 ids_file = self.rows.save_ids(self.directory, f"{name}.ids.npy")
+                sq_file = self.rows.save_sq(self.directory, f"{name}.sq")
                 dead_file = _save_array(self.directory / f"{name}.dead.npy", self.dead)
                 manifest = {"dim": self.dim, "nlist": self.nlist, "index": f"{name}.faiss", "ids": ids_file,
-                            "dead": dead_file, "segments": self.rows.segment_names(), "note": note}  # fmt: skip
+                            "dead": dead_file, "sq": sq_file, "segments": self.rows.segment_names(),
+                            "note": note}  # fmt: skip
                 _write_atomically(self._manifest(tag), json.dumps(manifest).encode())
                 self._dirty = False
             m = json.loads(self._manifest(tag).read_text())
-            keep = {self._manifest(tag).name, "compact.lock", m["index"], m["ids"], m["dead"],
-                    *(s for s, _ in m["segments"])}  # fmt: skip
+            segments = [s for s, _ in m["segments"]]
+            keep = {self._manifest(tag).name, "compact.lock", m["index"], m["ids"], m["dead"], m["sq"], *segments,
+                    *(Path(s).with_suffix(".sq4").name for s in segments)}  # fmt: skip
             for old in self.directory.glob("compact-*"):
                 if old.name not in keep:
                     old.unlink(missing_ok=True)
 
     def close(self) -> None:
         self.index = None
-        self.rows.close()
+        if self.rows is not None:
+            self.rows.close()
 
     # -- writes ---------------------------------------------------------------------------------
     def _build(self, vectors: np.ndarray) -> None:
@@ -112,9 +117,12 @@ class CompactIndex:
         nlist = max(1, min(self.nlist, len(vectors) // 39))  # FAISS wants >= 39 points per list
         m = max(d for d in range(1, self.dim // 4 + 1) if self.dim % d == 0)  # 4 dims per sub-quantizer
         index = faiss.index_factory(self.dim, f"IVF{nlist},PQ{m}x4fs", faiss.METRIC_INNER_PRODUCT)
-        train = vectors[np.random.default_rng(0).permutation(len(vectors))[:TRAIN_SIZE]]
-        index.train(np.ascontiguousarray(train))
-        self.index, self.nlist = index, nlist
+        index.pq.cp.min_points_per_centroid = 1  # 16 codewords a sub-quantizer: few points are enough
+        train = np.ascontiguousarray(vectors[np.random.default_rng(0).permutation(len(vectors))[:TRAIN_SIZE]])
+        index.train(train)
+        sq = faiss.IndexScalarQuantizer(self.dim, faiss.ScalarQuantizer.QT_4bit, faiss.METRIC_INNER_PRODUCT)
+        sq.train(train)
+        self.index, self.nlist, self.rows = index, nlist, RowStore(self.dim, sq)
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         if not len(ids):
@@ -132,6 +140,8 @@ class CompactIndex:
         self._dirty = True
 
     def remove(self, ids: np.ndarray) -> None:
+        if self.rows is None:
+            return
         ids = self.rows.kill(np.asarray(ids, dtype=np.int64))
         if len(ids):
             self.dead = np.union1d(self.dead, ids)
@@ -151,7 +161,7 @@ class CompactIndex:
         if self.index is None or len(self.dead) <= 0.2 * self.index.ntotal:
             return
         live = self.rows.live_ids()
-        fresh, rows = faiss.clone_index(self.index), RowStore(self.dim)
+        fresh, rows = faiss.clone_index(self.index), RowStore(self.dim, self.rows.sq)
         fresh.reset()
         faiss.omp_set_num_threads(os.cpu_count() or 1)
         try:
@@ -168,10 +178,7 @@ class CompactIndex:
 
     # -- reads ----------------------------------------------------------------------------------
     def count(self) -> int:
-        return self.rows.live_count()
-
-    def ids(self) -> np.ndarray:
-        return self.rows.live_ids()
+        return self.rows.live_count() if self.rows is not None else 0
 
     def search(self, vector: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         q = np.ascontiguousarray(np.atleast_2d(vector), dtype=np.float32)
@@ -200,8 +207,12 @@ class CompactIndex:
         return self._exact(q, found[:want], k)
 
     def _exact(self, q: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Re-rank `ids` by their in-memory codes, then score the best k + 10 exactly from disk."""
         if not len(ids):
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+        if len(ids) > k + 10:
+            approx = self.rows.approximate_scores(ids, q[0])
+            ids = ids[np.argpartition(-approx, k + 10)[: k + 10]]
         scores = self.rows.vectors(ids) @ q[0]
         top = np.argsort(-scores, kind="stable")[:k]
         return ids[top], scores[top].astype(np.float32)

@@ -1,6 +1,8 @@
-"""The compact index's exact vectors, by image id: float16 rows in immutable segment files on disk
-(memory-mapped, so the page cache holds what searches touch) plus the rows added since the last save,
-in memory until then. Only ids and row numbers live in the process: 8 + 12 bytes an image."""
+"""The compact index's vectors, by image id, at two precisions: 4-bit scalar-quantized codes in memory
+(dim/2 bytes an image: 640 for 1280 dims), to re-rank the IVF's candidates, and float16 rows in
+immutable segment files on disk (memory-mapped) for the exact scores of the few that are returned.
+Reading a row from the page cache costs ~7 µs on this machine's VM, so only those few are read.
+Rows added since the last save are kept in memory until it; ids and row numbers take 20 bytes."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import os
 import uuid
 from pathlib import Path
 
+import faiss
 import numpy as np
 
 
@@ -16,13 +19,14 @@ class _Grow:
 
     def __init__(self, dtype, width: int | None = None):
         self.shape = (0,) if width is None else (0, width)
-        self.data = np.zeros((1024, *self.shape[1:]), dtype=dtype)
+        self.data = np.zeros((0, *self.shape[1:]), dtype=dtype)
         self.n = 0
 
     def extend(self, values: np.ndarray) -> None:
         need = self.n + len(values)
-        if need > len(self.data):
-            bigger = np.zeros((max(need, 2 * len(self.data)), *self.data.shape[1:]), dtype=self.data.dtype)
+        if need > len(self.data):  # 1.25x: the slack of a million rows' codes is RAM per image
+            size = need if self.n == 0 else max(need, len(self.data) * 5 // 4)
+            bigger = np.zeros((size, *self.data.shape[1:]), dtype=self.data.dtype)
             bigger[: self.n] = self.data[: self.n]
             self.data = bigger
         self.data[self.n : need] = values
@@ -33,8 +37,11 @@ class _Grow:
 
 
 class RowStore:
-    def __init__(self, dim: int):
-        self.dim = dim
+    def __init__(self, dim: int, sq: faiss.IndexScalarQuantizer):
+        self.dim, self.sq = dim, sq  # sq: trained, holds no vectors: it only encodes
+        trained = faiss.vector_to_array(sq.sq.trained)
+        self._vmin, self._vdiff = trained[:dim], trained[dim : 2 * dim]
+        self.codes = _Grow(np.uint8, sq.sa_code_size())
         self.row_ids = _Grow(np.int64)  # row -> image id; -1 once removed
         self.segments: list[tuple[str, int, np.memmap]] = []  # (file name, first row, rows)
         self.saved = 0  # rows in segments; rows after that are in `delta`
@@ -45,18 +52,24 @@ class RowStore:
         self._live = 0
 
     @classmethod
-    def open(cls, dim: int, directory: Path, ids_name: str, segments: list[tuple[str, int]]) -> RowStore:
-        store = cls(dim)
+    def open(cls, dim: int, directory: Path, sq_name: str, ids_name: str, segments: list[tuple[str, int]]) -> RowStore:
+        store = cls(dim, faiss.read_index(str(directory / sq_name)))
         ids = np.load(directory / ids_name)
-        start = 0
+        start, parts = 0, []
         for name, count in segments:
             path = directory / name
             if path.stat().st_size != count * dim * 2:
                 raise ValueError(f"{path}: size does not match its rows")
+            codes = np.fromfile(path.with_suffix(".sq4"), dtype=np.uint8)
+            if len(codes) != count * store.codes.data.shape[1]:
+                raise ValueError(f"{path.with_suffix('.sq4')}: size does not match its rows")
+            parts.append(codes.reshape(count, -1))
             store.segments.append((name, start, np.memmap(path, dtype=np.float16, mode="r", shape=(count, dim))))
             start += count
         if start != len(ids):
             raise ValueError("segments do not hold every row")
+        if parts:
+            store.codes.extend(np.concatenate(parts))  # one allocation of the exact size
         store.saved = start
         store._append_ids(ids)
         store._live = int((ids >= 0).sum())
@@ -93,6 +106,7 @@ class RowStore:
 
     def append(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         self.delta.extend(vectors.astype(np.float16))
+        self.codes.extend(self.sq.sa_encode(np.ascontiguousarray(vectors, dtype=np.float32)))
         self._append_ids(ids)
         self._live += len(ids)
 
@@ -115,6 +129,17 @@ class RowStore:
         return np.sort(ids[ids >= 0])
 
     # -- vectors --------------------------------------------------------------------------------
+    def approximate_scores(self, ids: np.ndarray, q: np.ndarray) -> np.ndarray:
+        """Inner products of q with these ids' 4-bit codes (all present), without decoding them: with
+        FAISS's layout (dim 2j in the low nibble of byte j, 2j+1 in the high one; value = vmin +
+        (code + 0.5) / 15 * vdiff), q·x = q·(vmin + vdiff/30) + Σ code · q·vdiff/15. Six times faster
+        than sa_decode on this machine."""
+        codes = self.codes.data[self._rows(ids)]
+        w = np.zeros(2 * codes.shape[1], dtype=np.float32)
+        w[: self.dim] = q * self._vdiff / 15
+        base = float(q @ (self._vmin + self._vdiff / 30))
+        return base + (codes & 15).astype(np.float32) @ w[0::2] + (codes >> 4).astype(np.float32) @ w[1::2]
+
     def vectors(self, ids: np.ndarray) -> np.ndarray:
         """float32 vectors of these ids (all present), gathered from the segments and the delta."""
         rows = self._rows(ids)
@@ -134,6 +159,7 @@ class RowStore:
             return None
         name = f"compact-seg-{uuid.uuid4().hex[:12]}.f16"
         path = directory / name
+        _write_synced(path.with_suffix(".sq4"), self.codes.data[self.saved : self.saved + self.delta.n].tobytes())
         _write_synced(path, self.delta.view().tobytes())
         count = self.delta.n
         self.segments.append((name, self.saved, np.memmap(path, dtype=np.float16, mode="r", shape=(count, self.dim))))
@@ -147,6 +173,8 @@ class RowStore:
         for i, (name, start, mm) in enumerate(self.segments):
             if not (directory / name).exists():
                 fresh = f"compact-seg-{uuid.uuid4().hex[:12]}.f16"
+                codes = self.codes.data[start : start + len(mm)]
+                _write_synced((directory / fresh).with_suffix(".sq4"), codes.tobytes())
                 _write_synced(directory / fresh, np.asarray(mm).tobytes())
                 self.segments[i] = (
                     fresh,
@@ -155,6 +183,11 @@ class RowStore:
                 )
                 changed = True
         return changed
+
+    def save_sq(self, directory: Path, name: str) -> str:
+        faiss.write_index(self.sq, str(directory / name))
+        _sync(directory / name)
+        return name
 
     def save_ids(self, directory: Path, name: str) -> str:
         with open(directory / name, "wb") as f:
@@ -168,6 +201,11 @@ class RowStore:
 
     def close(self) -> None:
         self.segments = []
+
+
+def _sync(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
 
 
 def _write_synced(path: Path, data: bytes) -> None:
