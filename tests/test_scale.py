@@ -203,3 +203,22 @@ def test_a_new_projection_is_built_beside_the_live_index_and_swapped_in(tmp_path
     assert store.search(-vecs[0], 1)[0].image == "/img/50000.jpg"  # written during the build
     assert "p1" not in {h.product_id for h in store.search(vecs[3], 10)}
     assert store._index.count() == store.count()[1]
+
+
+def test_many_removals_are_re_encoded_at_save_and_the_catalog_still_answers(tmp_path):
+    data, rng = clustered(8000)
+    store = CatalogDB(tmp_path, large_from=3000)
+    store.add(records(data))
+    store.search(data[0], 1)  # the compact index is built, then half the catalog goes
+    removed = len(store.remove(products=[f"p{i}" for i in range(0, 2667, 2)]))  # half the lists dead
+    index = store._ensure_index()
+    assert len(index.dead) == removed == 4001
+    store.flush()
+    assert len(index.dead) == 0 and index.index.ntotal == 8000 - removed  # re-encoded: dead rows gone
+    for i in (1 * 3, 7 * 3 + 1, 2665 * 3):  # kept products (odd numbers), found first
+        assert store.search(data[i], 1)[0].image == f"/img/{i}.jpg"
+    assert "p2" not in {h.product_id for h in store.search(data[6], 10)}
+    store.close()
+    again = CatalogDB(tmp_path, large_from=3000)
+    assert again.search(data[21], 1)[0].image == "/img/21.jpg"
+    assert again._ensure_index().restored is not None and again._ensure_index().count() == 8000 - removed

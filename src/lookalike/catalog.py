@@ -391,7 +391,7 @@ class CatalogDB:
                          json.dumps(r.box) if r.box else None, r.source),
                     )  # fmt: skip
                     new_ids.append(cur.lastrowid)
-                self._drop_empty_products()
+                self._drop_empty_products(replace_products)
                 self._bump_generation()
                 position = self._position()
             self._unindex(replaced)
@@ -441,15 +441,20 @@ class CatalogDB:
                 for product_id in products:
                     rows += self.db.execute("SELECT id, image FROM images WHERE product_id=?", (product_id,)).fetchall()
                 self.db.executemany("DELETE FROM images WHERE id=?", [(i,) for i, _ in rows])
-                self._drop_empty_products()
+                self._drop_empty_products({p for p, _ in images} | set(products))
                 self._bump_generation()
                 position = self._position()
             self._unindex([i for i, _ in rows])
             self._seen = position
             return [self._path(k) for _, k in rows]
 
-    def _drop_empty_products(self) -> None:
-        self.db.execute("DELETE FROM products WHERE product_id NOT IN (SELECT DISTINCT product_id FROM images)")
+    def _drop_empty_products(self, products) -> None:
+        """Drop those of these products left without images (only these: a scan of every product
+        took 0.5 s per write at a million images)."""
+        self.db.executemany(
+            "DELETE FROM products WHERE product_id = ? AND NOT EXISTS (SELECT 1 FROM images WHERE product_id = ?)",
+            [(p, p) for p in products],
+        )
 
     def images_in_use(self, images: list[str]) -> set[str]:
         """Those of these images that some product still has (before deleting a stored file)."""

@@ -279,7 +279,12 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("image", help="image path or http(s) URL")
     catalog_arg(sp)
     sp.add_argument("-k", type=int, default=10)
-    sp.add_argument("--where", action="append", metavar="KEY=VALUE", help="metadata filter, repeatable")
+    sp.add_argument(
+        "--where",
+        action="append",
+        metavar="KEY=VALUE",
+        help="metadata filter, repeatable; VALUE compared without case, or LOW..HIGH a numeric range",
+    )
     sp.add_argument(
         "--rank",
         default=DEFAULT_RANK,

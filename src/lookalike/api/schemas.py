@@ -38,8 +38,9 @@ def _json_text(kind: Any, schema: dict) -> Any:
     return Annotated[Json[kind] | None, BeforeValidator(_blank_is_none), WithJsonSchema(schema)]
 
 
+WHERE_HELP = 'metadata filters, e.g. {"brand": "nike", "price": "..100"} (LOW..HIGH: a numeric range)'
 WhereText = _json_text(dict[str, str], {"type": "object", "additionalProperties": {"type": "string"},
-                                        "description": 'metadata filters, e.g. {"brand": "nike"}'})  # fmt: skip
+                                        "description": WHERE_HELP})  # fmt: skip
 MetadataText = _json_text(dict[str, Any], {"type": "object", "description": "product metadata, returned with results"})
 
 
@@ -75,7 +76,11 @@ class SearchRequest(BaseModel):
     box: int | str | BoxModel | None = Field(
         None, description="detected box index, 'whole', or a box in pixels; default: automatic"
     )
-    where: dict[str, str] | None = Field(None, description='metadata filters, e.g. {"brand": "nike"}')
+    where: dict[str, str] | None = Field(
+        None,
+        description="metadata filters: a value compared without case, or LOW..HIGH a numeric range "
+        '(either end may be left out), e.g. {"brand": "nike", "price": "..100"}',
+    )
     rank: Literal[RANKS] = Field(  # type: ignore[valid-type]
         DEFAULT_RANK, description="a product's score: its best image, or the mean of its best 2 or 3"
     )

@@ -24,6 +24,7 @@ import numpy as np
 
 from lookalike.index.rows import RowStore
 
+FORMAT = 1  # of the manifest and the files it names
 TRAIN_SIZE = 100_000  # vectors the coarse quantizer and codebooks learn from (the first ones added)
 
 
@@ -41,7 +42,7 @@ class CompactIndex:
         self.directory, self.dim = Path(directory), dim
         self.nlist = nlist or lists_for(expected)
         self.nprobe, self.rerank, self.exact_below = nprobe, rerank, exact_below
-        self.dead = np.zeros(0, dtype=np.int64)  # removed: still in the IVF lists, never found
+        self.dead = np.zeros(0, dtype=np.int64)  # rows removed: still in the IVF lists, never found
         self._not_dead = None
         self.restored: dict | None = None
         self.damaged: str | None = None  # why a snapshot that was there could not be used
@@ -61,7 +62,7 @@ class CompactIndex:
             return
         try:
             m = json.loads(path.read_text())
-            if m["dim"] != self.dim:
+            if m.get("format") != FORMAT or m["dim"] != self.dim:
                 return
             index = faiss.read_index(str(self.directory / m["index"]))
             rows = RowStore.open(self.dim, self.directory, m["sq"], m["ids"], m["segments"])
@@ -93,7 +94,8 @@ class CompactIndex:
                 ids_file = self.rows.save_ids(self.directory, f"{name}.ids.npy")
                 sq_file = self.rows.save_sq(self.directory, f"{name}.sq")
                 dead_file = _save_array(self.directory / f"{name}.dead.npy", self.dead)
-                manifest = {"dim": self.dim, "nlist": self.nlist, "index": f"{name}.faiss", "ids": ids_file,
+                manifest = {"format": FORMAT, "dim": self.dim, "nlist": self.nlist, "index": f"{name}.faiss",
+                            "ids": ids_file,
                             "dead": dead_file, "sq": sq_file, "segments": self.rows.segment_names(),
                             "note": note}  # fmt: skip
                 _write_atomically(self._manifest(tag), json.dumps(manifest).encode())
@@ -133,7 +135,8 @@ class CompactIndex:
         try:
             if self.index is None:
                 self._build(vectors)
-            self.index.add_with_ids(vectors, ids)
+            first = self.rows.next_row()  # the lists hold row numbers: no id lookup per candidate
+            self.index.add_with_ids(vectors, np.arange(first, first + len(ids), dtype=np.int64))
         finally:
             faiss.omp_set_num_threads(1)  # one query at a time is fastest on one thread (see local.py)
         self.rows.append(ids, vectors)
@@ -142,14 +145,14 @@ class CompactIndex:
     def remove(self, ids: np.ndarray) -> None:
         if self.rows is None:
             return
-        ids = self.rows.kill(np.asarray(ids, dtype=np.int64))
-        if len(ids):
-            self.dead = np.union1d(self.dead, ids)
+        rows = self.rows.kill(np.asarray(ids, dtype=np.int64))
+        if len(rows):
+            self.dead = np.union1d(self.dead, rows)
             self._not_dead = None
             self._dirty = True
 
     def _live_selector(self) -> faiss.IDSelector:
-        """Every id but the tombstones, built once per change of them."""
+        """Every row but the tombstones, built once per change of them."""
         if self._not_dead is None:
             dead = faiss.IDSelectorBatch(self.dead)
             self._not_dead = faiss.IDSelectorNot(dead), dead  # FAISS holds a bare pointer to `dead`
@@ -160,16 +163,16 @@ class CompactIndex:
         codebooks) and a fresh row store, so dead rows cost neither scan time nor disk."""
         if self.index is None or len(self.dead) <= 0.2 * self.index.ntotal:
             return
-        live = self.rows.live_ids()
+        live = self.rows.live_rows()
         fresh, rows = faiss.clone_index(self.index), RowStore(self.dim, self.rows.sq)
         fresh.reset()
         faiss.omp_set_num_threads(os.cpu_count() or 1)
         try:
             for i in range(0, len(live), 100_000):
-                ids = live[i : i + 100_000]
-                vectors = self.rows.vectors(ids)
-                fresh.add_with_ids(vectors, ids)
-                rows.append(ids, vectors)
+                old = live[i : i + 100_000]
+                vectors = self.rows.vectors(old)
+                fresh.add_with_ids(vectors, np.arange(rows.next_row(), rows.next_row() + len(old), dtype=np.int64))
+                rows.append(self.rows.ids_of(old), vectors)
         finally:
             faiss.omp_set_num_threads(1)
         self.rows.close()
@@ -184,17 +187,18 @@ class CompactIndex:
         q = np.ascontiguousarray(np.atleast_2d(vector), dtype=np.float32)
         if self.index is None or self.count() == 0 or k <= 0:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
-        if allowed is not None:
-            allowed = self.rows.present(np.asarray(allowed, dtype=np.int64))
-            if len(allowed) <= max(self.exact_below, k):  # few enough to score them all, exactly
+        if allowed is not None:  # as rows, live ones only
+            allowed = self.rows.rows_of(np.asarray(allowed, dtype=np.int64))
+            allowed = np.sort(allowed[allowed >= 0])
+            if len(allowed) <= max(self.exact_below, k):  # few enough to score them all
                 return self._exact(q, allowed, k)
         want = max(self.rerank, k)
         nprobe = self.nprobe
-        if allowed is not None:  # a filter keeps a share of each list: probe more lists to find enough
-            nprobe = int(min(self.nlist, max(nprobe, nprobe * 0.05 * self.count() / len(allowed))))
+        if allowed is not None:  # probe enough lists to meet ~10k allowed ids, if they are spread evenly
+            nprobe = int(min(self.nlist, max(nprobe, math.ceil(10 * k * self.nlist / len(allowed)))))
         while True:
             params = faiss.SearchParametersIVF(nprobe=min(nprobe, self.nlist))
-            if allowed is not None:  # only live ids (present() above)
+            if allowed is not None:  # only live rows (above)
                 selector = faiss.IDSelectorBatch(allowed)  # kept referenced: FAISS holds a bare pointer
                 params.sel = selector
             elif len(self.dead):
@@ -206,16 +210,17 @@ class CompactIndex:
             nprobe *= 4
         return self._exact(q, found[:want], k)
 
-    def _exact(self, q: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Re-rank `ids` by their in-memory codes, then score the best k + 10 exactly from disk."""
-        if not len(ids):
+    def _exact(self, q: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Re-rank `rows` by their in-memory codes, then score the best k + 10 exactly from disk;
+        returns (image ids, scores)."""
+        if not len(rows):
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
-        if len(ids) > k + 10:
-            approx = self.rows.approximate_scores(ids, q[0])
-            ids = ids[np.argpartition(-approx, k + 10)[: k + 10]]
-        scores = self.rows.vectors(ids) @ q[0]
+        if len(rows) > k + 10:
+            approx = self.rows.approximate_scores(rows, q[0])
+            rows = rows[np.argpartition(-approx, k + 10)[: k + 10]]
+        scores = self.rows.vectors(rows) @ q[0]
         top = np.argsort(-scores, kind="stable")[:k]
-        return ids[top], scores[top].astype(np.float32)
+        return self.rows.ids_of(rows[top]), scores[top].astype(np.float32)
 
 
 def _save_array(path: Path, array: np.ndarray) -> str:

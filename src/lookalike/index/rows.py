@@ -94,6 +94,16 @@ class RowStore:
             self._sorted_ids.extend(every[keep][order])
             self._sorted_rows.extend(keep[order].astype(np.int32))
 
+    def rows_of(self, ids: np.ndarray) -> np.ndarray:
+        """Row of each id, -1 where it is not here (never added, or removed)."""
+        return self._rows(ids)
+
+    def ids_of(self, rows: np.ndarray) -> np.ndarray:
+        return self.row_ids.data[rows]
+
+    def next_row(self) -> int:
+        return self.row_ids.n
+
     def _rows(self, ids: np.ndarray) -> np.ndarray:
         """Row of each id, -1 where it is not here (never added, or removed)."""
         sorted_ids, rows = self._sorted_ids.view(), self._sorted_rows.view()
@@ -111,39 +121,34 @@ class RowStore:
         self._live += len(ids)
 
     def kill(self, ids: np.ndarray) -> np.ndarray:
-        """Mark these ids removed; returns those that were here."""
+        """Mark these ids removed; returns the rows they had (those that were here)."""
         rows = self._rows(ids)
-        hit = rows >= 0
-        self.row_ids.data[rows[hit]] = -1
-        self._live -= int(hit.sum())
-        return ids[hit]
-
-    def present(self, ids: np.ndarray) -> np.ndarray:
-        return ids[self._rows(ids) >= 0]
+        rows = rows[rows >= 0]
+        self.row_ids.data[rows] = -1
+        self._live -= len(rows)
+        return rows
 
     def live_count(self) -> int:
         return self._live
 
-    def live_ids(self) -> np.ndarray:
-        ids = self.row_ids.view()
-        return np.sort(ids[ids >= 0])
+    def live_rows(self) -> np.ndarray:
+        return np.flatnonzero(self.row_ids.view() >= 0)
 
     # -- vectors --------------------------------------------------------------------------------
-    def approximate_scores(self, ids: np.ndarray, q: np.ndarray) -> np.ndarray:
-        """Inner products of q with these ids' 4-bit codes (all present), without decoding them: with
+    def approximate_scores(self, rows: np.ndarray, q: np.ndarray) -> np.ndarray:
+        """Inner products of q with these rows' 4-bit codes, without decoding them: with
         FAISS's layout (dim 2j in the low nibble of byte j, 2j+1 in the high one; value = vmin +
         (code + 0.5) / 15 * vdiff), q·x = q·(vmin + vdiff/30) + Σ code · q·vdiff/15. Six times faster
         than sa_decode on this machine."""
-        codes = self.codes.data[self._rows(ids)]
+        codes = self.codes.data[rows]
         w = np.zeros(2 * codes.shape[1], dtype=np.float32)
         w[: self.dim] = q * self._vdiff / 15
         base = float(q @ (self._vmin + self._vdiff / 30))
         return base + (codes & 15).astype(np.float32) @ w[0::2] + (codes >> 4).astype(np.float32) @ w[1::2]
 
-    def vectors(self, ids: np.ndarray) -> np.ndarray:
-        """float32 vectors of these ids (all present), gathered from the segments and the delta."""
-        rows = self._rows(ids)
-        out = np.empty((len(ids), self.dim), dtype=np.float32)
+    def vectors(self, rows: np.ndarray) -> np.ndarray:
+        """float32 vectors of these rows, gathered from the segments and the delta."""
+        out = np.empty((len(rows), self.dim), dtype=np.float32)
         recent = rows >= self.saved
         out[recent] = self.delta.data[rows[recent] - self.saved]
         for _, start, mm in self.segments:
