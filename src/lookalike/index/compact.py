@@ -1,5 +1,5 @@
 """The compact index for large catalogs, three stages: FAISS IVF with 4-bit product-quantized codes
-(fast scan, 160 bytes an image) finds candidates, 4-bit scalar-quantized vectors in memory (640
+(fast scan, 160 bytes an image) finds 400 candidates, 4-bit scalar-quantized vectors in memory (640
 bytes) re-rank them, and float16 vectors on disk give the few returned their exact inner product
 (`rows.py`; recall@10 against exact search and RAM per image: BENCHMARKS.md "Scale").
 
@@ -38,7 +38,7 @@ class CompactIndex:
     kind = "ivf-pq"
 
     def __init__(self, directory: Path, dim: int, expected: int, tag: str | None, nlist: int | None = None,
-                 nprobe: int = 64, rerank: int = 1000, exact_below: int = 2048, **_):  # fmt: skip
+                 nprobe: int = 64, rerank: int = 400, exact_below: int = 2048, **_):  # fmt: skip
         self.directory, self.dim = Path(directory), dim
         self.nlist = nlist or lists_for(expected)
         self.nprobe, self.rerank, self.exact_below = nprobe, rerank, exact_below
@@ -66,10 +66,10 @@ class CompactIndex:
                 return
             index = faiss.read_index(str(self.directory / m["index"]))
             rows = RowStore.open(self.dim, self.directory, m["sq"], m["ids"], m["segments"])
+            dead = np.load(self.directory / m["dead"])
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             self.damaged = f"its saved index is damaged ({e})"  # the catalog rebuilds it from SQLite
             return
-        dead = np.load(self.directory / m["dead"]) if m.get("dead") else np.zeros(0, dtype=np.int64)
         if rows.live_count() + len(dead) != index.ntotal:
             self.damaged = "its saved index's rows and lists disagree"
             return
