@@ -196,10 +196,9 @@ class CatalogDB:
             (key, value),
         )
 
-    def _bump_generation(self) -> None:
+    def _wrote(self) -> None:
+        """A write of this connection (what the filter caches key on, with others' data_version)."""
         self._writes += 1
-        gen = int(self.get_meta("generation") or 0) + 1
-        self._set_meta("generation", str(gen))
 
     # -- paths: files inside the catalog are stored relative to it, so it can be moved or opened from
     # -- any working directory; everything else (source images, URLs) is stored as an absolute path
@@ -281,7 +280,7 @@ class CatalogDB:
             blobs = np.asarray(mean, np.float32).tobytes(), np.ascontiguousarray(matrix, np.float32).tobytes()
             self.db.execute("INSERT INTO projection(id, mean, matrix) VALUES (1, ?, ?)", blobs)
         self._set_meta("projection_version", str(int(self.get_meta("projection_version") or 0) + 1))
-        self._bump_generation()
+        self._wrote()
 
     def set_transform(self, transform: Callable[[np.ndarray], np.ndarray] | None) -> None:
         """Index vectors (and map queries) through `transform` from now on. A small or unbuilt index is
@@ -392,7 +391,7 @@ class CatalogDB:
                     )  # fmt: skip
                     new_ids.append(cur.lastrowid)
                 self._drop_empty_products(replace_products)
-                self._bump_generation()
+                self._wrote()
                 position = self._position()
             self._unindex(replaced)
             self._add_to_index(new_ids, [r.vector for r in records])
@@ -442,7 +441,7 @@ class CatalogDB:
                     rows += self.db.execute("SELECT id, image FROM images WHERE product_id=?", (product_id,)).fetchall()
                 self.db.executemany("DELETE FROM images WHERE id=?", [(i,) for i, _ in rows])
                 self._drop_empty_products({p for p, _ in images} | set(products))
-                self._bump_generation()
+                self._wrote()
                 position = self._position()
             self._unindex([i for i, _ in rows])
             self._seen = position
