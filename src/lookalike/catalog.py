@@ -233,8 +233,7 @@ class CatalogDB:
                 self._apply_changes()
 
     def _position(self) -> tuple[int, int]:
-        last_id = self.db.execute("SELECT COALESCE(MAX(id), 0) FROM images").fetchone()[0]
-        last_seq = self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM image_log").fetchone()[0]
+        last_id, last_seq = _position_of(self.db)
         return max(last_id, self._seen[0]), max(last_seq, self._seen[1])
 
     def _apply_changes(self) -> None:
@@ -245,14 +244,7 @@ class CatalogDB:
         last_id, last_seq = self._seen
         gone = [r[0] for r in self.db.execute("SELECT image_id FROM image_log WHERE seq > ?", (last_seq,))]
         self._unindex(gone)
-        ids, batch = [], []
-        for i, blob in self.db.execute("SELECT id, vector FROM images WHERE id > ? ORDER BY id", (last_id,)):
-            ids.append(i)
-            batch.append(np.frombuffer(blob, dtype=np.float32))
-            if len(ids) == 100_000:
-                self._add_to_index(ids, batch)
-                ids, batch = [], []
-        self._add_to_index(ids, batch)
+        _feed(self.db, last_id, self._index, self._mapped)
         self._seen = self._position()
 
     # -- the learned projection: stored here, learned and applied by the pipeline -------------------
@@ -305,17 +297,8 @@ class CatalogDB:
                 dim = mapped(np.frombuffer(first[0], dtype=np.float32)).shape[1]
                 log.info("%s: building the index for the new projection beside the live one", self.directory)
                 index = open_index(self.index_name, self.directory, dim, count, None, **self.index_options)
-                ids, batch = [], []
-                for i, blob in db.execute("SELECT id, vector FROM images ORDER BY id"):
-                    ids.append(i)
-                    batch.append(np.frombuffer(blob, dtype=np.float32))
-                    if len(ids) == 100_000:
-                        index.add(np.asarray(ids, dtype=np.int64), mapped(np.stack(batch)))
-                        ids, batch = [], []
-                if ids:
-                    index.add(np.asarray(ids, dtype=np.int64), mapped(np.stack(batch)))
-                position = (db.execute("SELECT COALESCE(MAX(id), 0) FROM images").fetchone()[0],
-                            db.execute("SELECT COALESCE(MAX(seq), 0) FROM image_log").fetchone()[0])  # fmt: skip
+                _feed(db, 0, index, mapped)
+                position = _position_of(db)
         finally:
             db.close()
         with self.lock:
@@ -671,9 +654,23 @@ def _mapper(transform: Callable[[np.ndarray], np.ndarray] | None) -> Callable[[n
     return mapped
 
 
-def _meta(db: sqlite3.Connection, key: str) -> str | None:
-    row = db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
-    return row[0] if row else None
+def _position_of(db: sqlite3.Connection) -> tuple[int, int]:
+    """(last image id, last image_log seq) in this connection's snapshot."""
+    return (db.execute("SELECT COALESCE(MAX(id), 0) FROM images").fetchone()[0],
+            db.execute("SELECT COALESCE(MAX(seq), 0) FROM image_log").fetchone()[0])  # fmt: skip
+
+
+def _feed(db: sqlite3.Connection, after: int, index: VectorIndex, mapped: Callable[[np.ndarray], np.ndarray]) -> None:
+    """Add the images with ids above `after` to `index`, mapped, 100,000 at a time (in a transaction)."""
+    ids, batch = [], []
+    for i, blob in db.execute("SELECT id, vector FROM images WHERE id > ? ORDER BY id", (after,)):
+        ids.append(i)
+        batch.append(np.frombuffer(blob, dtype=np.float32))
+        if len(ids) == 100_000:
+            index.add(np.asarray(ids, dtype=np.int64), mapped(np.stack(batch)))
+            ids, batch = [], []
+    if ids:
+        index.add(np.asarray(ids, dtype=np.int64), mapped(np.stack(batch)))
 
 
 def _relative_uploads(db: sqlite3.Connection) -> None:

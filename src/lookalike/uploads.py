@@ -3,10 +3,10 @@ products may share one file; paths and URLs are stored as given and never copied
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from lookalike.catalog import CatalogDB
+from lookalike.files import replace_atomically
 from lookalike.images import Photo
 
 
@@ -20,12 +20,7 @@ class Uploads:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / photo.sha256
         if not path.exists():
-            tmp = folder / f".{photo.sha256}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(photo.data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            replace_atomically(path, photo.data, tmp=folder / f".{photo.sha256}.tmp")
         return str(path)
 
     def forget(self, images: list[str]) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from lookalike.files import replace_atomically, save_array, sync
 from lookalike.index.rows import RowStore
 
 FORMAT = 1  # of the manifest and the files it names
@@ -93,15 +94,15 @@ class CompactIndex:
                 self.rows.flush(self.directory)
                 name = f"compact-{uuid.uuid4().hex[:12]}"
                 faiss.write_index(self.index, str(self.directory / f"{name}.faiss"))
-                _sync(self.directory / f"{name}.faiss")
+                sync(self.directory / f"{name}.faiss")
                 ids_file = self.rows.save_ids(self.directory, f"{name}.ids.npy")
                 sq_file = self.rows.save_sq(self.directory, f"{name}.sq")
-                dead_file = _save_array(self.directory / f"{name}.dead.npy", self.dead)
+                dead_file = save_array(self.directory / f"{name}.dead.npy", self.dead)
                 manifest = {"format": FORMAT, "dim": self.dim, "nlist": self.nlist, "index": f"{name}.faiss",
                             "ids": ids_file,
                             "dead": dead_file, "sq": sq_file, "segments": self.rows.segment_names(),
                             "note": note}  # fmt: skip
-                _write_atomically(self._manifest(tag), json.dumps(manifest).encode())
+                replace_atomically(self._manifest(tag), json.dumps(manifest).encode())
                 self._dirty = False
             m = json.loads(self._manifest(tag).read_text())
             segments = [s for s, _ in m["segments"]]
@@ -247,30 +248,3 @@ def _fast(index: faiss.Index) -> faiss.Index:
     choice) over 64 of 1,024 lists at a million images, the same candidates (BENCHMARKS.md "Scale")."""
     index.implem = 15
     return index
-
-
-def _save_array(path: Path, array: np.ndarray) -> str:
-    with open(path, "wb") as f:
-        np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-    return path.name
-
-
-def _sync(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

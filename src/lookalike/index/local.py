@@ -96,9 +96,6 @@ class FlatIndex:
     def _all_ids(self) -> np.ndarray:
         return faiss.vector_to_array(self.index.id_map)
 
-    def ids(self) -> np.ndarray:
-        return np.setdiff1d(self._all_ids(), self._deleted)
-
     def count(self) -> int:
         return int(self.index.ntotal) - len(self._deleted)
 

@@ -6,12 +6,13 @@ Rows added since the last save are kept in memory until it; ids and row numbers 
 
 from __future__ import annotations
 
-import os
 import uuid
 from pathlib import Path
 
 import faiss
 import numpy as np
+
+from lookalike.files import save_array, sync, write_synced
 
 
 class _Grow:
@@ -94,17 +95,13 @@ class RowStore:
             self._sorted_ids.extend(every[keep][order])
             self._sorted_rows.extend(keep[order].astype(np.int32))
 
-    def rows_of(self, ids: np.ndarray) -> np.ndarray:
-        """Row of each id, -1 where it is not here (never added, or removed)."""
-        return self._rows(ids)
-
     def ids_of(self, rows: np.ndarray) -> np.ndarray:
         return self.row_ids.data[rows]
 
     def next_row(self) -> int:
         return self.row_ids.n
 
-    def _rows(self, ids: np.ndarray) -> np.ndarray:
+    def rows_of(self, ids: np.ndarray) -> np.ndarray:
         """Row of each id, -1 where it is not here (never added, or removed)."""
         sorted_ids, rows = self._sorted_ids.view(), self._sorted_rows.view()
         if not len(sorted_ids):
@@ -122,7 +119,7 @@ class RowStore:
 
     def kill(self, ids: np.ndarray) -> np.ndarray:
         """Mark these ids removed; returns the rows they had (those that were here)."""
-        rows = self._rows(ids)
+        rows = self.rows_of(ids)
         rows = rows[rows >= 0]
         self.row_ids.data[rows] = -1
         self._live -= len(rows)
@@ -164,8 +161,8 @@ class RowStore:
             return None
         name = f"compact-seg-{uuid.uuid4().hex[:12]}.f16"
         path = directory / name
-        _write_synced(path.with_suffix(".sq4"), self.codes.data[self.saved : self.saved + self.delta.n].tobytes())
-        _write_synced(path, self.delta.view().tobytes())
+        write_synced(path.with_suffix(".sq4"), self.codes.data[self.saved : self.saved + self.delta.n].tobytes())
+        write_synced(path, self.delta.view().tobytes())
         count = self.delta.n
         self.segments.append((name, self.saved, np.memmap(path, dtype=np.float16, mode="r", shape=(count, self.dim))))
         self.saved += count
@@ -179,8 +176,8 @@ class RowStore:
             if not (directory / name).exists():
                 fresh = f"compact-seg-{uuid.uuid4().hex[:12]}.f16"
                 codes = self.codes.data[start : start + len(mm)]
-                _write_synced((directory / fresh).with_suffix(".sq4"), codes.tobytes())
-                _write_synced(directory / fresh, np.asarray(mm).tobytes())
+                write_synced((directory / fresh).with_suffix(".sq4"), codes.tobytes())
+                write_synced(directory / fresh, np.asarray(mm).tobytes())
                 self.segments[i] = (
                     fresh,
                     start,
@@ -191,30 +188,14 @@ class RowStore:
 
     def save_sq(self, directory: Path, name: str) -> str:
         faiss.write_index(self.sq, str(directory / name))
-        _sync(directory / name)
+        sync(directory / name)
         return name
 
     def save_ids(self, directory: Path, name: str) -> str:
-        with open(directory / name, "wb") as f:
-            np.save(f, self.row_ids.view())
-            f.flush()
-            os.fsync(f.fileno())
-        return name
+        return save_array(directory / name, self.row_ids.view())
 
     def segment_names(self) -> list[tuple[str, int]]:
         return [(name, len(mm)) for name, _, mm in self.segments]
 
     def close(self) -> None:
         self.segments = []
-
-
-def _sync(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
