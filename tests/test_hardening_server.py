@@ -205,7 +205,10 @@ def test_slow_sources_cannot_starve_the_server(tmp_path, branded_catalog):
     assert all("longer than the 3 s limit" in e for s, _, e in outcomes if s == 400)
     assert max(t for _, t, _ in outcomes) < 3 + 5  # the deadline holds, however slowly bytes come
     print(f"reads under load: max {max(reads) * 1000:.0f} ms; statuses {sorted(set(statuses))}")
-    assert max(reads) < 1.0
+    # A starved read would wait for a fetch slot, i.e. for the 3 s deadline. The bound sits well under
+    # that and well over this shared 2-core machine's noise (45 client threads share the test's own GIL
+    # with the drip server: one read took 1.01 s on CI while the other nine took ~0.12 s).
+    assert max(reads) < 2.0 and sorted(reads)[len(reads) // 2] < 0.5
 
 
 def test_server_sees_another_process_index_without_restart(server, tmp_path, sneaker_folder):
