@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -204,10 +205,37 @@ def measure(directory: Path, options: dict, data: Path, images: int) -> dict:
     found = db.search(extra[0], 1)
     out["add_1000_s"] = round(time.perf_counter() - t1, 3)
     out["add_found"] = found[0].image.endswith("new/0.jpg")
+    out["during_write"] = searches_during_write(db, queries, extra)
     t1 = time.perf_counter()
     db.close()
     out["close_save_s"] = round(time.perf_counter() - t1, 2)
     return out
+
+
+def searches_during_write(db: CatalogDB, queries: np.ndarray, extra: np.ndarray) -> dict:
+    """Searches in one thread while another adds 1,000 more images: how long a write holds them up."""
+    stop, lat = threading.Event(), []
+
+    def searching() -> None:
+        while not stop.is_set():
+            t = time.perf_counter()
+            db.search(queries[len(lat) % len(queries)], 10)
+            lat.append((time.perf_counter() - t) * 1000)
+
+    searcher = threading.Thread(target=searching)
+    searcher.start()
+    time.sleep(0.2)
+    before = len(lat)
+    t0 = time.perf_counter()
+    db.add([ImageRecord(f"more{i // IMAGES_PER_PRODUCT}", f"more/{i}.jpg", f"{i + 10**6:064x}", -v)
+            for i, v in enumerate(extra)])  # fmt: skip
+    write_s = time.perf_counter() - t0
+    during = len(lat) - before
+    stop.set()
+    searcher.join()
+    lat = lat[before : before + during + 1]  # those that ran while the write did (and the one across its end)
+    return {"write_s": round(write_s, 3), "searches": len(lat), "p50_ms": round(statistics.median(lat), 2),
+            "max_ms": round(max(lat), 2)}  # fmt: skip
 
 
 def disk(directory: Path, images: int) -> dict:

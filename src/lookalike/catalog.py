@@ -4,6 +4,11 @@ SQLite (WAL) holds products, images, their content hashes and vectors as float32
 version and migrations, as rclip does. The vector index (`index/`, chosen by name when the catalog is
 made) holds the vectors to search, by image id, and is rebuilt from SQLite whenever it does not match
 it. A write is one SQLite transaction, so a killed run loses at most the batch it was writing.
+
+Writes go through their own connection and never hold the lock searches take: a search meanwhile
+reads the last committed snapshot (WAL). The index follows every commit, this process's and
+others', by position (ids only grow, removals are logged), a few hundred images per step, so no
+write keeps a search waiting for more than one step.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ import os
 import re
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,6 +129,7 @@ class Hit:
 
 
 UPLOADS = "uploads"
+CATCH_UP_STEP = 256  # images the index takes in per step under the search lock (~5 ms at 1M, compact)
 
 
 class CatalogDB:
@@ -138,67 +145,71 @@ class CatalogDB:
         self.directory = Path(directory).resolve()  # so stored paths never depend on the working directory
         self.directory.mkdir(parents=True, exist_ok=True)
         self.index_options = index_options
-        self.lock = threading.RLock()
+        self.lock = threading.RLock()  # the read connection and the index (searches, catching up)
+        self.write_lock = threading.RLock()  # the write connection: this process's writers, one at a time
+        self.transform: Callable[[np.ndarray], np.ndarray] | None = None
+        self._index: VectorIndex | None = None
+        self._seen = (0, 0)  # (last image id, last image_log seq) the index has caught up with
+        self._pending = None  # a transform whose index is being built beside the live one
+        self._builder: threading.Thread | None = None
+        self._allowed_cache: dict[tuple, np.ndarray] = {}
+        self._values_cache: tuple = (None, {})
         try:
-            self.db = connect(self.directory / DB_NAME)
+            self.wdb = connect(self.directory / DB_NAME)
             # FULL: a write the API acknowledged survives a power loss too, not only a killed process
-            self.db.execute("PRAGMA synchronous=FULL")
+            self.wdb.execute("PRAGMA synchronous=FULL")
             self._migrate()
+            self.db = connect(self.directory / DB_NAME)
+            self.db.execute("PRAGMA query_only=1")
             self._data_version = self._read_data_version()
         except sqlite3.DatabaseError as e:
             raise LookalikeError(f"{self.directory / DB_NAME}: not a readable catalog database ({e})") from None
         recorded = self.get_meta("index")
         if recorded and index and index != recorded:
             self.db.close()
+            self.wdb.close()
             raise LookalikeError(f"{self.directory} uses the {recorded!r} index backend, not {index!r}")
         self.index_name = recorded or index or "local"
         if not recorded:
             self.set_meta("index", self.index_name)
         dim = self.get_meta("dim")
         self.dim = int(dim) if dim else None
-        self.transform: Callable[[np.ndarray], np.ndarray] | None = None
-        self._index: VectorIndex | None = None
-        self._seen = (0, 0)  # (last image id, last image_log seq) the index has caught up with
-        self._pending = None  # a transform whose index is being built beside the live one
-        self._builder: threading.Thread | None = None
-        self._writes = 0  # this connection's writes: with SQLite's data_version, what caches key on
-        self._allowed_cache: dict[tuple, np.ndarray] = {}
-        self._values_cache: tuple = (None, {})
 
     # -- schema -------------------------------------------------------------------------------
     def _migrate(self) -> None:
-        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        version = self.wdb.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise LookalikeError(
                 f"{self.directory}: catalog schema {version} is newer than this lookalike ({SCHEMA_VERSION})"
             )
         for v in range(version + 1, SCHEMA_VERSION + 1):
-            with self._tx():
+            with _Transaction(self.wdb):
                 for step in MIGRATIONS[v]:
-                    step(self.db) if callable(step) else self.db.execute(step)
-                self.db.execute(f"PRAGMA user_version={v}")
+                    step(self.wdb) if callable(step) else self.wdb.execute(step)
+                self.wdb.execute(f"PRAGMA user_version={v}")
 
-    def _tx(self):
-        return _Transaction(self.db)
+    @contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction on the write connection, then the index caught up with it. Searches
+        are not held up by the transaction (they take `lock`, not `write_lock`), only by each step of
+        the catch-up, and the caller returns once its write is searchable."""
+        with self.write_lock, _Transaction(self.wdb) as db:
+            yield db
+        self._catch_up()
 
     def get_meta(self, key: str) -> str | None:
         with self.lock:
-            row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
-        return row[0] if row else None
+            return _meta(self.db, key)
 
     def set_meta(self, key: str, value: str) -> None:
-        with self.lock, self._tx():
+        with self._writing():
             self._set_meta(key, value)
 
     def _set_meta(self, key: str, value: str) -> None:
-        self.db.execute(
+        self.wdb.execute(
             "INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
             (key, value),
         )
-
-    def _wrote(self) -> None:
-        """A write of this connection (what the filter caches key on, with others' data_version)."""
-        self._writes += 1
 
     # -- paths: files inside the catalog are stored relative to it, so it can be moved or opened from
     # -- any working directory; everything else (source images, URLs) is stored as an absolute path
@@ -222,30 +233,39 @@ class CatalogDB:
         return self.db.execute("PRAGMA data_version").fetchone()[0]
 
     def _catch_up(self) -> None:
-        """Bring the index in line with writes made by other processes. SQLite's data_version changes
-        only on other connections' commits, so this costs one pragma per search when nobody else writes."""
-        version = self._read_data_version()
-        if version == self._data_version:
-            return
-        self._data_version = version
-        if self._index is not None:
-            with _Transaction(self.db, write=False):
-                self._apply_changes()
+        """Bring the index in line with every commit since it was last caught up: this process's
+        writers' (on the write connection) and other processes'. SQLite's data_version changes only on
+        other connections' commits, so this costs one pragma per search when nobody writes. The lock is
+        taken per step of `CATCH_UP_STEP` images, so searches interleave with a long catch-up."""
+        while True:
+            with self.lock:
+                version = self._read_data_version()
+                if version == self._data_version:
+                    return
+                done = True
+                if self._index is not None:
+                    with _Transaction(self.db, write=False):
+                        done = self._apply_changes(CATCH_UP_STEP)
+                if done:  # a commit after `version` was read changes it again: caught up next time
+                    self._data_version = version
+                    return
 
-    def _position(self) -> tuple[int, int]:
-        last_id, last_seq = _position_of(self.db)
-        return max(last_id, self._seen[0]), max(last_seq, self._seen[1])
-
-    def _apply_changes(self) -> None:
-        """Apply to the index what was committed after `_seen` (inside a transaction): images added
-        (ids above the last one seen) and removed (the log after the last seq seen)."""
+    def _apply_changes(self, limit: int | None = None) -> bool:
+        """Apply to the index what was committed after `_seen` (inside a read transaction): images
+        removed (the log after the last seq seen) and added (ids above the last one seen, at most
+        `limit` of them). True when that was everything."""
         if self._index is None:
-            return
+            return True
         last_id, last_seq = self._seen
         gone = [r[0] for r in self.db.execute("SELECT image_id FROM image_log WHERE seq > ?", (last_seq,))]
         self._unindex(gone)
-        _feed(self.db, last_id, self._index, self._mapped)
-        self._seen = self._position()
+        added, last_added = _feed(self.db, last_id, self._index, self._mapped, limit)
+        top_id, top_seq = _position_of(self.db)
+        done = limit is None or added < limit
+        # not done: the next step starts after the last image added; done: after every id so far
+        # (an image added and removed since leaves a gap below the top)
+        self._seen = (max(top_id, last_id) if done else last_added, max(top_seq, last_seq))
+        return done
 
     # -- the learned projection: stored here, learned and applied by the pipeline -------------------
     def projection(self) -> tuple[str | None, tuple[np.ndarray, np.ndarray] | None]:
@@ -262,17 +282,16 @@ class CatalogDB:
         return self.get_meta("projection_version")
 
     def set_projection(self, arrays: tuple[np.ndarray, np.ndarray] | None) -> None:
-        with self.lock, self._tx():
+        with self._writing():
             self._write_projection(arrays)
 
     def _write_projection(self, arrays: tuple[np.ndarray, np.ndarray] | None) -> None:
-        self.db.execute("DELETE FROM projection")
+        self.wdb.execute("DELETE FROM projection")
         if arrays is not None:
             mean, matrix = arrays
             blobs = np.asarray(mean, np.float32).tobytes(), np.ascontiguousarray(matrix, np.float32).tobytes()
-            self.db.execute("INSERT INTO projection(id, mean, matrix) VALUES (1, ?, ?)", blobs)
-        self._set_meta("projection_version", str(int(self.get_meta("projection_version") or 0) + 1))
-        self._wrote()
+            self.wdb.execute("INSERT INTO projection(id, mean, matrix) VALUES (1, ?, ?)", blobs)
+        self._set_meta("projection_version", str(int(_meta(self.wdb, "projection_version") or 0) + 1))
 
     def set_transform(self, transform: Callable[[np.ndarray], np.ndarray] | None) -> None:
         """Index vectors (and map queries) through `transform` from now on. A small or unbuilt index is
@@ -335,105 +354,82 @@ class CatalogDB:
         if not records:
             return []
         dim = records[0].vector.shape[-1]
-        with self.lock:
+        with self._writing() as db:
             if self.dim is None:
                 self.dim = dim
             if any(r.vector.shape != (self.dim,) for r in records):
                 raise LookalikeError(f"vector size differs from the catalog's ({self.dim})")
-            replaced: list[int] = []
             dropped: set[str] = set()
-            new_ids: list[int] = []
-            with self._tx():
-                self._apply_changes()  # others' commits first, so the position below covers them
-                if self.get_meta("dim") is None:
-                    self._set_meta("dim", str(self.dim))
-                for product_id in replace_products:
-                    rows = self.db.execute("SELECT id, image FROM images WHERE product_id=?", (product_id,)).fetchall()
-                    replaced += [r[0] for r in rows]
-                    dropped |= {r[1] for r in rows}
-                    self.db.execute("DELETE FROM images WHERE product_id=?", (product_id,))
-                for r in records:
-                    key = self._key(r.image)
-                    dropped.discard(key)
-                    self.db.execute(
-                        "INSERT INTO products(product_id, metadata) VALUES(?, ?) "
-                        "ON CONFLICT(product_id) DO UPDATE SET metadata=excluded.metadata",
-                        (r.product_id, json.dumps(r.metadata, sort_keys=True)),
-                    )
-                    old = self.db.execute(
-                        "SELECT id FROM images WHERE product_id=? AND image=?", (r.product_id, key)
-                    ).fetchone()
-                    if old:
-                        replaced.append(old[0])
-                        self.db.execute("DELETE FROM images WHERE id=?", (old[0],))
-                    cur = self.db.execute(
-                        "INSERT INTO images(product_id, image, sha256, vector, crop, box, source) "
-                        "VALUES(?,?,?,?,?,?,?)",
-                        (r.product_id, key, r.sha256, r.vector.astype(np.float32).tobytes(), r.crop,
-                         json.dumps(r.box) if r.box else None, r.source),
-                    )  # fmt: skip
-                    new_ids.append(cur.lastrowid)
-                self._drop_empty_products(replace_products)
-                self._wrote()
-                position = self._position()
-            self._unindex(replaced)
-            self._add_to_index(new_ids, [r.vector for r in records])
-            self._seen = position
-            return [self._path(k) for k in sorted(dropped)]
+            if _meta(db, "dim") is None:
+                self._set_meta("dim", str(self.dim))
+            for product_id in replace_products:
+                dropped |= {r[0] for r in db.execute("SELECT image FROM images WHERE product_id=?", (product_id,))}
+                db.execute("DELETE FROM images WHERE product_id=?", (product_id,))
+            for r in records:
+                key = self._key(r.image)
+                dropped.discard(key)
+                db.execute(
+                    "INSERT INTO products(product_id, metadata) VALUES(?, ?) "
+                    "ON CONFLICT(product_id) DO UPDATE SET metadata=excluded.metadata",
+                    (r.product_id, json.dumps(r.metadata, sort_keys=True)),
+                )
+                # a new id even for an image stored before: the index follows ids (and the removal log)
+                db.execute("DELETE FROM images WHERE product_id=? AND image=?", (r.product_id, key))
+                db.execute(
+                    "INSERT INTO images(product_id, image, sha256, vector, crop, box, source) VALUES(?,?,?,?,?,?,?)",
+                    (r.product_id, key, r.sha256, r.vector.astype(np.float32).tobytes(), r.crop,
+                     json.dumps(r.box) if r.box else None, r.source),
+                )  # fmt: skip
+            self._drop_empty_products(replace_products)
+        return [self._path(k) for k in sorted(dropped)]
 
     def replace_vectors(self, vectors: dict[tuple[str, str], tuple[np.ndarray, str, dict | None]],
                         meta: dict[str, str]) -> None:  # fmt: skip
         """Swap every image's vector (and crop) and the given meta in one transaction, e.g. after tuning:
         readers see all old vectors or all new ones. Refused if the catalog's images changed meanwhile."""
-        with self.lock:
-            with self._tx():
-                now = {(p, self._path(i)) for p, i in self.db.execute("SELECT product_id, image FROM images")}
-                if now != set(vectors):
-                    raise LookalikeError("the catalog changed while its vectors were being rebuilt: run it again")
-                self.db.executemany(
-                    "UPDATE images SET vector=?, crop=?, box=? WHERE product_id=? AND image=?",
-                    [(v.astype(np.float32).tobytes(), crop, json.dumps(box) if box else None, p, self._key(i))
-                     for (p, i), (v, crop, box) in vectors.items()],
-                )  # fmt: skip
-                dim = next(iter(vectors.values()))[0].shape[-1] if vectors else self.dim
-                for key, value in {**meta, "dim": str(dim)}.items():
-                    self._set_meta(key, value)
-                self._write_projection(None)
+        with self._writing() as db:
+            now = {(p, self._path(i)) for p, i in db.execute("SELECT product_id, image FROM images")}
+            if now != set(vectors):
+                raise LookalikeError("the catalog changed while its vectors were being rebuilt: run it again")
+            db.executemany(
+                "UPDATE images SET vector=?, crop=?, box=? WHERE product_id=? AND image=?",
+                [(v.astype(np.float32).tobytes(), crop, json.dumps(box) if box else None, p, self._key(i))
+                 for (p, i), (v, crop, box) in vectors.items()],
+            )  # fmt: skip
+            dim = next(iter(vectors.values()))[0].shape[-1] if vectors else self.dim
+            for key, value in {**meta, "dim": str(dim)}.items():
+                self._set_meta(key, value)
+            self._write_projection(None)
+        with self.lock:  # updated in place, not by position: the index is built again
             self.dim = dim
             self._drop_index()
 
     def claim(self, images: list[tuple[str, str]], source: str) -> None:
         """Record `source` as the owner of these (product_id, image) pairs, vectors untouched."""
-        with self.lock, self._tx():
-            self.db.executemany(
+        with self._writing() as db:
+            db.executemany(
                 "UPDATE images SET source=? WHERE product_id=? AND image=?",
                 [(source, p, self._key(i)) for p, i in images],
             )
 
     def remove(self, images: list[tuple[str, str]] = (), products: list[str] = ()) -> list[str]:
         """Drop images by (product_id, image) and whole products; returns the images removed."""
-        with self.lock:
-            rows: list[tuple[int, str]] = []
-            with self._tx():
-                self._apply_changes()
-                for product_id, image in images:
-                    rows += self.db.execute(
-                        "SELECT id, image FROM images WHERE product_id=? AND image=?", (product_id, self._key(image))
-                    ).fetchall()
-                for product_id in products:
-                    rows += self.db.execute("SELECT id, image FROM images WHERE product_id=?", (product_id,)).fetchall()
-                self.db.executemany("DELETE FROM images WHERE id=?", [(i,) for i, _ in rows])
-                self._drop_empty_products({p for p, _ in images} | set(products))
-                self._wrote()
-                position = self._position()
-            self._unindex([i for i, _ in rows])
-            self._seen = position
-            return [self._path(k) for _, k in rows]
+        rows: list[tuple[int, str]] = []
+        with self._writing() as db:
+            for product_id, image in images:
+                rows += db.execute(
+                    "SELECT id, image FROM images WHERE product_id=? AND image=?", (product_id, self._key(image))
+                ).fetchall()
+            for product_id in products:
+                rows += db.execute("SELECT id, image FROM images WHERE product_id=?", (product_id,)).fetchall()
+            db.executemany("DELETE FROM images WHERE id=?", [(i,) for i, _ in rows])
+            self._drop_empty_products({p for p, _ in images} | set(products))
+        return [self._path(k) for _, k in rows]
 
     def _drop_empty_products(self, products) -> None:
         """Drop those of these products left without images (only these: a scan of every product
         took 0.5 s per write at a million images)."""
-        self.db.executemany(
+        self.wdb.executemany(
             "DELETE FROM products WHERE product_id = ? AND NOT EXISTS (SELECT 1 FROM images WHERE product_id = ?)",
             [(p, p) for p in products],
         )
@@ -445,9 +441,8 @@ class CatalogDB:
                 "SELECT 1 FROM images WHERE image=? LIMIT 1", (self._key(i),)).fetchone()}  # fmt: skip
 
     def set_products(self, metadata: dict[str, dict]) -> None:
-        with self.lock, self._tx():
-            self._writes += 1
-            self.db.executemany(
+        with self._writing() as db:
+            db.executemany(
                 "UPDATE products SET metadata=? WHERE product_id=?",
                 [(json.dumps(m, sort_keys=True), p) for p, m in metadata.items()],
             )
@@ -456,11 +451,6 @@ class CatalogDB:
         if self._index is None or not len(ids):
             return
         self._index.remove(np.asarray(ids, dtype=np.int64))
-
-    def _add_to_index(self, ids: list[int], vectors: list[np.ndarray]) -> None:
-        if self._index is None or not ids:
-            return
-        self._index.add(np.asarray(ids, dtype=np.int64), self._mapped(np.stack(vectors)))
 
     def _drop_index(self) -> None:
         if self._index is not None:
@@ -502,7 +492,7 @@ class CatalogDB:
     def metadata_values(self, limit: int = 50) -> dict[str, list[str]]:
         """Distinct metadata values per key (for filter menus), keys with too many values left out;
         read from the terms index and kept until the next write."""
-        key = (self._writes, self._read_data_version(), limit)
+        key = (self._read_data_version(), limit)
         with self.lock:
             if self._values_cache[0] != key:
                 values: dict[str, list[str]] = {}
@@ -537,7 +527,7 @@ class CatalogDB:
     def _allowed_ids(self, where: dict[str, str]) -> np.ndarray:
         """Image ids whose product matches every filter: indexed lookups in image_terms, one string
         back from SQLite (10,000 ids as rows cost more than the lookups). Cached until the next write."""
-        key = (self._writes, self._data_version, tuple(sorted((str(k), str(v)) for k, v in where.items())))
+        key = (self._data_version, tuple(sorted((str(k), str(v)) for k, v in where.items())))
         if key in self._allowed_cache:
             return self._allowed_cache[key]
         selects, params = [], []
@@ -564,8 +554,8 @@ class CatalogDB:
     def search(self, vector: np.ndarray, k: int, where: dict[str, str] | None = None) -> list[Hit]:
         """Top-k images for a query vector (as embedded: mapped here by the transform the live index
         was built with), optionally only of products whose metadata match `where`."""
+        self._catch_up()
         with self.lock:
-            self._catch_up()
             index = self._ensure_index()
             if index.count() == 0 or k <= 0:
                 return []
@@ -644,6 +634,8 @@ class CatalogDB:
                     log.warning("%s: index snapshot not saved (%s); the next open catches up", self.directory, e)
             self._drop_index()
             self.db.close()
+        with self.write_lock:
+            self.wdb.close()
 
 
 def _mapper(transform: Callable[[np.ndarray], np.ndarray] | None) -> Callable[[np.ndarray], np.ndarray]:
@@ -660,17 +652,27 @@ def _position_of(db: sqlite3.Connection) -> tuple[int, int]:
             db.execute("SELECT COALESCE(MAX(seq), 0) FROM image_log").fetchone()[0])  # fmt: skip
 
 
-def _feed(db: sqlite3.Connection, after: int, index: VectorIndex, mapped: Callable[[np.ndarray], np.ndarray]) -> None:
-    """Add the images with ids above `after` to `index`, mapped, 100,000 at a time (in a transaction)."""
-    ids, batch = [], []
-    for i, blob in db.execute("SELECT id, vector FROM images WHERE id > ? ORDER BY id", (after,)):
+def _feed(db: sqlite3.Connection, after: int, index: VectorIndex, mapped: Callable[[np.ndarray], np.ndarray],
+          limit: int | None = None) -> tuple[int, int]:  # fmt: skip
+    """Add to `index`, mapped, the images with ids above `after` (at most `limit`), 100,000 at a time
+    (in a transaction). Returns how many were added and the last id added (`after` if none)."""
+    sql = "SELECT id, vector FROM images WHERE id > ? ORDER BY id" + (" LIMIT ?" if limit is not None else "")
+    ids, batch, added, last = [], [], 0, after
+    for i, blob in db.execute(sql, (after,) if limit is None else (after, limit)):
         ids.append(i)
         batch.append(np.frombuffer(blob, dtype=np.float32))
         if len(ids) == 100_000:
             index.add(np.asarray(ids, dtype=np.int64), mapped(np.stack(batch)))
-            ids, batch = [], []
+            added, last, ids, batch = added + len(ids), ids[-1], [], []
     if ids:
         index.add(np.asarray(ids, dtype=np.int64), mapped(np.stack(batch)))
+        added, last = added + len(ids), ids[-1]
+    return added, last
+
+
+def _meta(db: sqlite3.Connection, key: str) -> str | None:
+    row = db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+    return row[0] if row else None
 
 
 def _relative_uploads(db: sqlite3.Connection) -> None:
