@@ -1,6 +1,6 @@
 # The web app (or the API) in a container, in two stages:
 #   models:  converts the model files once (onnx, tflite2onnx and npm live only here; no torch)
-#   runtime: ONNX Runtime, FAISS, Streamlit and FastAPI; runs as a non-root user; a health check
+#   runtime: ONNX Runtime, FAISS, Streamlit, FastAPI and pymilvus; runs as a non-root user; a health check
 # Dependencies are installed before the source is copied (a code change rebuilds only the last layers),
 # at the versions of requirements.lock (a constraints file: only what each stage needs is installed).
 #   docker build -t lookalike .
@@ -24,7 +24,7 @@ FROM python:3.11-slim-bookworm AS runtime
 WORKDIR /opt/lookalike
 COPY pyproject.toml requirements.lock ./
 RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; e = p['optional-dependencies']; \
-print('\n'.join(p['dependencies'] + e['app'] + e['api']))" > runtime.txt \
+print('\n'.join(p['dependencies'] + e['app'] + e['api'] + e['milvus']))" > runtime.txt \
  && pip install --no-cache-dir -c requirements.lock -r runtime.txt \
  && useradd --create-home --uid 10001 lookalike
 COPY --from=models /models /opt/lookalike-models

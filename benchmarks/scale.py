@@ -41,7 +41,9 @@ from lookalike.offline import Photos, default_cache  # noqa: E402
 IMAGES_PER_PRODUCT = 3
 BRANDS = 100  # the filter `brand=b07` matches 1% of products
 CHUNK = 20_000
-STORES = {"compact": {}, "hnsw": {"large": "hnsw"}}  # today's store before issue 13: HNSW over float32
+# compact: the local default; hnsw: the local store before issue 13 (HNSW over float32); milvus: Milvus
+# Lite in a file beside the catalog, the vectors moved there with `store migrate` (issue 14)
+STORES = {"compact": {}, "hnsw": {"large": "hnsw"}, "milvus": {}, "milvus-flat": {"index_type": "FLAT"}}
 
 
 def machine() -> str:
@@ -170,6 +172,16 @@ def measure(directory: Path, options: dict, data: Path, images: int) -> dict:
             out["sweep"].append({"nprobe": index.nprobe, "rerank": index.rerank, "p50_ms": round(p50, 2),
                                  "recall_at_10": round(recall, 4)})  # fmt: skip
         index.nprobe, index.rerank = default
+    if getattr(index, "index_type", None) == "IVF_FLAT":  # Milvus: its IVF's nprobe
+        from lookalike.index import milvus
+
+        build, default = milvus.INDEXES["IVF_FLAT"]
+        out["sweep"] = []
+        for nprobe in (16, 32, 64, 128):
+            milvus.INDEXES["IVF_FLAT"] = (build, lambda k, n=nprobe: {"nprobe": n})
+            p50, p99, recall = run(1)
+            out["sweep"].append({"nprobe": nprobe, "p50_ms": round(p50, 2), "recall_at_10": round(recall, 4)})
+        milvus.INDEXES["IVF_FLAT"] = (build, default)
     p50, p99, recall = run(5)
     out["search_p50_ms"], out["search_p99_ms"], out["recall_at_10"] = round(p50, 2), round(p99, 2), round(recall, 4)
     if "shots" in d.files:  # catalog-photo queries: the catalog's own domain
@@ -239,8 +251,8 @@ def searches_during_write(db: CatalogDB, queries: np.ndarray, extra: np.ndarray)
 
 
 def disk(directory: Path, images: int) -> dict:
-    sizes = {p.name: p.stat().st_size for p in directory.iterdir() if p.is_file()}
-    index = sum(v for k, v in sizes.items() if k.startswith(("compact", "index-")))
+    sizes = {p.relative_to(directory).as_posix(): p.stat().st_size for p in directory.rglob("*") if p.is_file()}
+    index = sum(v for k, v in sizes.items() if k.startswith(("compact", "index-", "lite.db", "milvus-")))
     return {"disk_bytes_per_image": round(sum(sizes.values()) / images),
             "index_disk_bytes_per_image": round(index / images)}  # fmt: skip
 
@@ -255,7 +267,10 @@ def run_store(name: str, args, base_dir: Path, truth: dict, copies: Copies, quer
         shutil.copy2(f, directory / f.name)
     t0 = time.perf_counter()
     db = CatalogDB(directory, **options)
-    db.flush()  # builds the index from SQLite and saves its snapshot
+    if name.startswith("milvus"):  # every vector inserted into Milvus Lite in batches, flushed, then named
+        db.migrate(f"milvus://{directory.resolve()}/lite.db")
+    else:
+        db.flush()  # builds the index from SQLite and saves its snapshot
     build_s = time.perf_counter() - t0
     db.close()
     rng = np.random.default_rng(1)
@@ -263,7 +278,8 @@ def run_store(name: str, args, base_dir: Path, truth: dict, copies: Copies, quer
     extra = (extra / np.linalg.norm(extra, axis=1, keepdims=True)).astype(np.float32)
     data = work / "measure.npz"
     np.savez(data, queries=queries, extra=extra, **truth)
-    row = {"images": args.images, "build_s": round(build_s, 1), **disk(directory, args.images)}
+    row = {"images": args.images, "build_s": round(build_s, 1), "insert_per_s": round(args.images / build_s),
+           **disk(directory, args.images)}  # fmt: skip
     child = subprocess.run([sys.executable, __file__, "--measure", str(directory), "--store", name,
                             "--data", str(data), "--images", str(args.images)],
                            capture_output=True, text=True, check=True)  # fmt: skip

@@ -221,7 +221,7 @@ def test_a_second_backend_is_one_registry_entry(tmp_path, monkeypatch):
     vecs = unit(rng.normal(size=(30, 8)))
     products = [f"p{i % 6}" for i in range(30)]
     meta = {"p1": {"brand": "nike"}}
-    store, reference = CatalogDB(tmp_path / "a", index="numpy"), CatalogDB(tmp_path / "b")
+    store, reference = CatalogDB(tmp_path / "a", store="numpy"), CatalogDB(tmp_path / "b")
     for s in (store, reference):
         s.add(records(vecs, products, meta))
         s.remove(products=["p2"])
@@ -233,8 +233,8 @@ def test_a_second_backend_is_one_registry_entry(tmp_path, monkeypatch):
         ]
     from lookalike import Catalog
 
-    with pytest.raises(LookalikeError, match="index backend 'nope': expected one of local, numpy"):
-        Catalog.open(tmp_path / "c", create=True, index="nope")
+    with pytest.raises(LookalikeError, match="store 'nope': expected local, numpy, milvus"):
+        Catalog.open(tmp_path / "c", create=True, store="nope")
     assert not (tmp_path / "c").exists()
 
 
@@ -246,11 +246,11 @@ def test_a_catalog_keeps_the_backend_it_was_made_with(tmp_path, monkeypatch):
 
     monkeypatch.setitem(BACKENDS, "numpy", f"{__name__}:BruteForce")
     config, items = _tiny(tmp_path)
-    with Catalog.open(tmp_path / "cat", config=config, create=True, index="numpy") as cat:
+    with Catalog.open(tmp_path / "cat", config=config, create=True, store="numpy") as cat:
         cat.index(items)
         assert cat.info()["index"] == "numpy"
     with Catalog.open(tmp_path / "cat") as cat:  # recorded in the catalog: no need to say it again
         assert cat.info()["index"] == "numpy"
         assert cat.search(tmp_path / "green.png", k=1).results[0].product_id == "green"
-    with pytest.raises(LookalikeError, match="uses the 'numpy' index backend, not 'local'"):
-        Catalog.open(tmp_path / "cat", index="local")
+    with pytest.raises(LookalikeError, match="keeps its vectors in 'numpy', not 'local'"):
+        Catalog.open(tmp_path / "cat", store="local")

@@ -55,7 +55,7 @@ def test_compact_index_keeps_recall_and_applies_changes_without_a_rebuild(tmp_pa
     new = unit(rng.normal(size=(1000, data.shape[1])))
     compact.add(records(new, start=len(data)))  # an add: found by the next search, same index
     assert compact.search(new[5], 1)[0].image == f"/img/{len(data) + 5}.jpg"
-    assert compact.search(new[-1], 1)[0].image == f"/img/{len(data) + 999}.jpg"  # taken in over 4 steps
+    assert compact.search(new[-1], 1)[0].image == f"/img/{len(data) + 999}.jpg"  # taken in over 8 steps
     assert compact._ensure_index() is index and index.count() == compact.count()[1]
     compact.flush()
     compact.add(records(new[:10] * -1, start=20_000))  # written after the snapshot

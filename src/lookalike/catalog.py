@@ -7,12 +7,13 @@ it. A write is one SQLite transaction, so a killed run loses at most the batch i
 
 Writes go through their own connection and never hold the lock searches take: a search meanwhile
 reads the last committed snapshot (WAL). The index follows every commit, this process's and
-others', by position (ids only grow, removals are logged), a few hundred images per step, so no
+others', by position (ids only grow, removals are logged), 128 images per step, so no
 write keeps a search waiting for more than one step.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from lookalike.errors import LookalikeError, VectorsChangedError
-from lookalike.index import VectorIndex, kind_of, open_index
+from lookalike.index import VectorIndex, kind_of, open_index, store_backend
 
 log = logging.getLogger("lookalike")
 DB_NAME = "catalog.db"
@@ -129,7 +130,7 @@ class Hit:
 
 
 UPLOADS = "uploads"
-CATCH_UP_STEP = 256  # images the index takes in per step under the search lock (~5 ms at 1M, compact)
+CATCH_UP_STEP = 128  # images the index takes in per step under the search lock
 
 
 class CatalogDB:
@@ -140,8 +141,11 @@ class CatalogDB:
 
     rebuild_beside_from = 20_000  # images from which a new transform's index is built in the background
 
-    def __init__(self, directory: Path | str, index: str | None = None, **index_options):  # fmt: skip
-        """`index`: the vector index backend; None = the one the catalog recorded ("local" for a new one)."""
+    def __init__(self, directory: Path | str, store: str | None = None, **index_options):  # fmt: skip
+        """`store`: where the vectors are searched (`local`, `milvus:///path/lite.db`, `milvus://host:19530`);
+        None = the one the catalog recorded ("local" for a new one)."""
+        if store is not None:
+            store_backend(store)  # a malformed store is refused before anything is made
         self.directory = Path(directory).resolve()  # so stored paths never depend on the working directory
         self.directory.mkdir(parents=True, exist_ok=True)
         self.index_options = index_options
@@ -165,11 +169,14 @@ class CatalogDB:
         except sqlite3.DatabaseError as e:
             raise LookalikeError(f"{self.directory / DB_NAME}: not a readable catalog database ({e})") from None
         recorded = self.get_meta("index")
-        if recorded and index and index != recorded:
+        if recorded and store and store != recorded:
             self.db.close()
             self.wdb.close()
-            raise LookalikeError(f"{self.directory} uses the {recorded!r} index backend, not {index!r}")
-        self.index_name = recorded or index or "local"
+            raise LookalikeError(
+                f"{self.directory} keeps its vectors in {recorded!r}, not {store!r} (move them with "
+                f"`lookalike store migrate --catalog {self.directory} --to {store}`)"
+            )
+        self.index_name = recorded or store or "local"
         if not recorded:
             self.set_meta("index", self.index_name)
         dim = self.get_meta("dim")
@@ -232,16 +239,22 @@ class CatalogDB:
     def _read_data_version(self) -> int:
         return self.db.execute("PRAGMA data_version").fetchone()[0]
 
-    def _catch_up(self) -> None:
+    def _catch_up(self, steps: int | None = None) -> None:
         """Bring the index in line with every commit since it was last caught up: this process's
         writers' (on the write connection) and other processes'. SQLite's data_version changes only on
         other connections' commits, so this costs one pragma per search when nobody writes. The lock is
-        taken per step of `CATCH_UP_STEP` images, so searches interleave with a long catch-up."""
-        while True:
+        taken per step of `CATCH_UP_STEP` images, so searches interleave with a long catch-up; a search
+        takes at most `steps` of them itself (a writer finishes its own; later searches the rest)."""
+        for _ in itertools.count() if steps is None else range(steps):
             with self.lock:
                 version = self._read_data_version()
                 if version == self._data_version:
                     return
+                store = _meta(self.db, "index")
+                if store and store != self.index_name:  # migrated by another process: follow it
+                    log.info("%s: its vectors moved to %s", self.directory, store)
+                    self.index_name = store
+                    self._drop_index()
                 done = True
                 if self._index is not None:
                     with _Transaction(self.db, write=False):
@@ -330,6 +343,48 @@ class CatalogDB:
             with _Transaction(self.db, write=False):
                 self._apply_changes()  # what was written while it was built
             old.close()
+
+    def migrate(self, store: str) -> int:
+        """Move the vectors to another store (no re-embedding: they are read from SQLite), then record
+        it and delete what the old store held. Searches keep using the old store until the swap; other
+        processes follow at their next search. Returns the vectors moved."""
+        store_backend(store)
+        if store == self.index_name:
+            raise LookalikeError(f"{self.directory} already keeps its vectors in {store}")
+        self.wait_for_rebuild()
+        with self.write_lock:  # no write of this process meanwhile; others' are caught up after the swap
+            if self.dim is None:  # nothing stored yet: only where the vectors will go changes
+                with _Transaction(self.wdb):
+                    self._set_meta("index", store)
+                self.index_name = store
+                return 0
+            db = connect(self.directory / DB_NAME)
+            try:
+                with _Transaction(db, write=False):
+                    count = db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+                    dim = self._mapped(np.zeros(self.dim or 1, np.float32)).shape[1]
+                    index = open_index(store, self.directory, dim, count, None, **self.index_options)
+                    _feed(db, 0, index, self._mapped)
+                    position = _position_of(db)
+            finally:
+                db.close()
+            if index.count() != count:
+                index.drop()
+                raise LookalikeError(f"{store}: holds {index.count()} vectors after the move, not {count}")
+            index.save(self._space(), {"id": position[0], "seq": position[1]})
+            old_store = self.index_name
+            with _Transaction(self.wdb):
+                self._set_meta("index", store)
+            with self.lock:
+                old = self._index or open_index(old_store, self.directory, dim, count, None, **self.index_options)
+                self._index, self.index_name, self._seen = index, store, position
+                self._data_version = self._read_data_version()
+                with _Transaction(self.db, write=False):
+                    self._apply_changes()
+            old.drop()
+            old.close()
+        log.info("%s: %d vectors moved from %s to %s", self.directory, count, old_store, store)
+        return count
 
     def wait_for_rebuild(self, timeout: float | None = None) -> None:
         """Block until a rebuild running beside the live index has swapped in (tests, benchmarks)."""
@@ -554,7 +609,7 @@ class CatalogDB:
     def search(self, vector: np.ndarray, k: int, where: dict[str, str] | None = None) -> list[Hit]:
         """Top-k images for a query vector (as embedded: mapped here by the transform the live index
         was built with), optionally only of products whose metadata match `where`."""
-        self._catch_up()
+        self._catch_up(steps=1)
         with self.lock:
             index = self._ensure_index()
             if index.count() == 0 or k <= 0:
@@ -588,10 +643,10 @@ class CatalogDB:
         with _Transaction(self.db, write=False):
             count = self._count_images()
             first = self.db.execute("SELECT vector FROM images ORDER BY id LIMIT 1").fetchone()
-            dim = self._mapped(np.frombuffer(first[0], dtype=np.float32)).shape[1] if first else (self.dim or 1)
-            index = open_index(self.index_name, self.directory, dim, count, self._space(), **self.index_options)
             if first is None:  # nothing to index yet: the vectors' size is not known, keep no index
-                return index
+                return _NO_VECTORS
+            dim = self._mapped(np.frombuffer(first[0], dtype=np.float32)).shape[1]
+            index = open_index(self.index_name, self.directory, dim, count, self._space(), **self.index_options)
             self._index = index
             note = getattr(index, "restored", None)
             if note is not None:
@@ -624,6 +679,13 @@ class CatalogDB:
         with self.lock:
             self._ensure_index().save(self._space(), {"id": self._seen[0], "seq": self._seen[1]})
 
+    def discard(self) -> None:
+        """Close, deleting what the store holds for this catalog (a scratch catalog, e.g. eval's)."""
+        with self.lock:
+            self._ensure_index().drop()
+            self._drop_index()
+        self.close()
+
     def close(self) -> None:
         """Close, saving the index's snapshot first (a read-only catalog just says why it could not)."""
         with self.lock:
@@ -636,6 +698,30 @@ class CatalogDB:
             self.db.close()
         with self.write_lock:
             self.wdb.close()
+
+
+class _NoVectors:
+    """The index of a catalog with no images yet: nothing is opened (a store such as Milvus would make
+    a collection for it) until the first vector gives its size."""
+
+    kind, restored = "empty", None
+
+    def search(self, vector: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+
+    def count(self) -> int:
+        return 0
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        raise AssertionError("vectors are added to a real index")
+
+    def remove(self, ids: np.ndarray) -> None: ...
+    def save(self, tag: str, note: dict) -> None: ...
+    def drop(self) -> None: ...
+    def close(self) -> None: ...
+
+
+_NO_VECTORS = _NoVectors()
 
 
 def _mapper(transform: Callable[[np.ndarray], np.ndarray] | None) -> Callable[[np.ndarray], np.ndarray]:

@@ -62,10 +62,10 @@ def cmd_index(args: argparse.Namespace) -> int:
     options = dict(_where(args.config) or {})
     options.update({k: v for k, v in (("detector", args.detector), ("embedder", args.embedder)) if v})
     config = PipelineConfig().with_options(options) if options else None
-    with Catalog.open(args.catalog, config=config, create=True, threads=args.threads) as cat:
+    with Catalog.open(args.catalog, config=config, create=True, threads=args.threads, store=args.store) as cat:
         bars = Bars(args.quiet)
-        report = cat.index(args.source, progress=bars, prune=not args.keep_missing,
-                           dry_run=args.dry_run)  # fmt: skip
+        report = cat.index(args.source, progress=bars, prune=not args.keep_missing, dry_run=args.dry_run,
+                           ray=args.ray, workers=args.workers)  # fmt: skip
         bars.close()
         for where, message in report.warnings:
             print(f"warning {where}: {message}", file=sys.stderr)
@@ -119,6 +119,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     else:
         for key, value in info.items():
             print(f"{key}: {json.dumps(value) if isinstance(value, dict) else value}")
+    return 0
+
+
+def cmd_store_migrate(args: argparse.Namespace) -> int:
+    with Catalog.open(args.catalog, check_models=False) as cat:
+        moved = cat.migrate(args.to)
+    print(f"moved {moved['vectors']} vector(s) from {moved['from']} to {moved['to']} (index: {moved['index']})")
     return 0
 
 
@@ -222,7 +229,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         options = {"whiten": "0", **options, "embedder": str(model)}
     result = evaluate(
         labels, root, args.label, args.query, args.gallery, options, threads=args.threads, cache_path=cache,
-        progress=bars, image_column=args.image_column,
+        progress=bars, image_column=args.image_column, store=args.store,
     )  # fmt: skip
     bars.close()
     for where, reason in result.failed:
@@ -269,6 +276,13 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--config", action="append", metavar="KEY=VALUE",
                     help="pipeline option for a new catalog, repeatable (as in eval), e.g. embed_size=224")  # fmt: skip
     sp.add_argument("--threads", type=int, default=2)
+    sp.add_argument("--store", metavar="STORE",
+                    help="where a new catalog's vectors are searched: local (default), milvus:///path/lite.db "
+                         "(Milvus Lite) or milvus://host:19530 (token: $LOOKALIKE_MILVUS_TOKEN)")  # fmt: skip
+    sp.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                    help="embed on Ray Data actors: alone, a Ray started here; with an address (auto, "
+                         "ray://host:10001), a running cluster whose workers reach the images")  # fmt: skip
+    sp.add_argument("--workers", type=int, help="Ray actors (default: the CPUs of Ray's cluster)")
     sp.add_argument("--keep-missing", action="store_true", help="keep images this source no longer lists")
     sp.add_argument("--dry-run", action="store_true", help="say what would be indexed and removed; write nothing")
     sp.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -295,6 +309,13 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--threads", type=int, default=2)
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_search)
+
+    sp = sub.add_parser("store", help="where the catalog's vectors are searched")
+    store = sp.add_subparsers(dest="store_command", required=True)
+    sp = store.add_parser("migrate", help="move the vectors to another store, without re-embedding")
+    catalog_arg(sp)
+    sp.add_argument("--to", required=True, metavar="STORE", help="local, milvus:///path/lite.db or milvus://host:19530")
+    sp.set_defaults(func=cmd_store_migrate)
 
     sp = sub.add_parser("info", help="catalog size and configuration")
     catalog_arg(sp)
@@ -374,6 +395,9 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--tune-option", action="append", metavar="KEY=VALUE", help="tuning option, as in `tune`")
     sp.add_argument("--json", metavar="OUT", help="also write the metrics as JSON")
     sp.add_argument("--cache", help="embedding cache file (default ~/.cache/lookalike/eval.db)")
+    sp.add_argument("--store", metavar="STORE",
+                    help="search through this store as a catalog on it would (e.g. milvus:///tmp/eval.db), "
+                         "instead of scoring every pair exactly")  # fmt: skip
     sp.add_argument("--threads", type=int, default=2)
     sp.add_argument("-q", "--quiet", action="store_true")
     sp.set_defaults(func=cmd_eval)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from lookalike.errors import LookalikeError
-from lookalike.pipeline import Photos, PipelineConfig, StageProgress, default_cache, rank_products
+from lookalike.pipeline import Photos, PipelineConfig, StageProgress, default_cache, rank_products, store_similarity
 
 KS = (1, 5, 10)
 # eval-only options, applied to the ranking (query expansion)
@@ -117,8 +117,11 @@ def split_options(options: dict[str, str]) -> tuple[dict[str, str], dict[str, fl
 
 def evaluate(labels: Path, root: Path, label: str, query: str | None = None, gallery: str | None = None,
              options: dict[str, str] | None = None, threads: int = 2, cache_path: Path | None = None,
-             progress: StageProgress | None = None, image_column: str = "file") -> EvalResult:  # fmt: skip
-    """Index the gallery rows, search with the query rows, measure. With neither selection: leave-one-out."""
+             progress: StageProgress | None = None, image_column: str = "file",
+             store: str | None = None) -> EvalResult:  # fmt: skip
+    """Index the gallery rows, search with the query rows, measure. With neither selection: leave-one-out.
+    `store` (e.g. milvus:///tmp/eval.db): search through that store, as a catalog on it serves, rather
+    than scoring every pair exactly."""
     rows = read_labels(labels, root, label, image_column)
     pipeline_options, post = split_options(options or {})
     config = PipelineConfig().with_options(pipeline_options)
@@ -135,8 +138,14 @@ def evaluate(labels: Path, root: Path, label: str, query: str | None = None, gal
     whitening = photos.learn_projection(gv)  # learned on the gallery, as a catalog learns it on itself
     if whitening is not None:
         qv, gv = whitening(qv), whitening(gv)
-    sim = qv @ gv.T
-    sim[qi[:, None] == gi[None, :]] = -np.inf  # never match an image with itself
+    if store is not None:
+        if post["qe"]:
+            raise LookalikeError("qe (query expansion) is measured on exact scores: leave out --store")
+        self_row = {int(g): n for n, g in enumerate(gi)}
+        sim = store_similarity(store, gv, qv, np.array([self_row.get(int(q), -1) for q in qi]))
+    else:
+        sim = qv @ gv.T
+        sim[qi[:, None] == gi[None, :]] = -np.inf  # never match an image with itself
     if post["qe"]:
         qv = query_expansion(qv, gv, sim, int(post["qe"]), float(post["qe_alpha"]))
         sim = qv @ gv.T

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lookalike.catalog import CatalogDB, ImageRecord
 from lookalike.encoder import Encoder, StageProgress, run_parallel, safely, stage
@@ -13,6 +14,9 @@ from lookalike.images import ImageSource, Photo
 from lookalike.results import IndexReport
 from lookalike.sources import Item, SourceProblem, iter_source, source_id
 from lookalike.uploads import Uploads
+
+if TYPE_CHECKING:
+    from lookalike.cluster import RayRunner
 
 Key = tuple[str, str]  # (product id, image)
 
@@ -33,10 +37,10 @@ def absolute(image: str | ImageSource) -> str:
 
 def embed_source(store: CatalogDB, encoder: Encoder, source: str | Path | Iterable[Item], threads: int,
                  progress: StageProgress | None, prune: bool, dry_run: bool, source_name: str | None,
-                 ) -> tuple[IndexReport, list[Item], list[Key]]:  # fmt: skip
-    """Embed and store the source's new or changed photos (nothing is written in a dry run). Returns
-    the report (with the images to prune), the items listed, and the unchanged images this source
-    now claims."""
+                 ray: RayRunner | None = None) -> tuple[IndexReport, list[Item], list[Key]]:  # fmt: skip
+    """Embed and store the source's new or changed photos (nothing is written in a dry run), on this
+    machine's threads or on Ray's actors. Returns the report (with the images to prune), the items
+    listed, and the unchanged images this source now claims."""
     sid = source_id(source) if isinstance(source, str | Path) else (source_name or "python")
     report = IndexReport(source=sid, dry_run=dry_run)
     items: list[Item] = []
@@ -47,9 +51,12 @@ def embed_source(store: CatalogDB, encoder: Encoder, source: str | Path | Iterab
             items.append(Item(entry.product_id, absolute(entry.image), entry.metadata))
     known = store.known()
     seen = {(it.product_id, it.image) for it in items}
-    prepare = safely(lambda item: _prepare(encoder, item, known, sid, embed=not dry_run))
+    one = safely(lambda item: prepare(encoder, item, known, sid, embed=not dry_run))
+    bar = stage(progress, "indexing")
+    batches = (ray.map(encoder.config, encoder.limits, items, known, sid, not dry_run, bar) if ray
+               else run_parallel(one, items, threads, bar))  # fmt: skip
     claimed: list[Key] = []
-    for batch in run_parallel(prepare, items, threads, stage(progress, "indexing")):
+    for batch in batches:
         pending: list[ImageRecord] = []
         for item, outcome in batch:
             key = (item.product_id, item.image)
@@ -88,7 +95,7 @@ def settle(store: CatalogDB, report: IndexReport, items: list[Item], claimed: li
         uploads.forget(store.remove(images=report.pruned))
 
 
-def _prepare(encoder: Encoder, item: Item, known: dict, source: str, embed: bool = True) -> ImageRecord | None:
+def prepare(encoder: Encoder, item: Item, known: dict, source: str, embed: bool = True) -> ImageRecord | None:
     """The record to store (without a vector when not embedding), or None when the image is unchanged."""
     photo = encoder.photo(item.image)
     if known.get((item.product_id, item.image), (None,))[0] == photo.sha256:

@@ -17,13 +17,13 @@ from PIL import Image
 
 from lookalike import indexing, models, rebuild
 from lookalike.boxes import BoxChoice
-from lookalike.catalog import CatalogDB
+from lookalike.catalog import CatalogDB, ImageRecord
 from lookalike.config import PipelineConfig
 from lookalike.detect import Box
 from lookalike.encoder import Encoder, Progress, Query, StageProgress
 from lookalike.errors import LookalikeError, VectorsChangedError
 from lookalike.images import DEFAULT_LIMITS, ImageInput, ImageSource, Limits
-from lookalike.index import BACKENDS
+from lookalike.index import store_backend
 from lookalike.offline import Photos, default_cache, rank_products
 from lookalike.projection import Projection
 from lookalike.query import DEFAULT_RANK, Searcher
@@ -36,7 +36,7 @@ from lookalike.uploads import Uploads
 __all__ = [
     "DEFAULT_RANK", "PULL_HINT", "RANKS", "Box", "BoxChoice", "Catalog", "ImageSource", "IndexReport", "Item",
     "Limits", "Match", "Photos", "PipelineConfig", "Progress", "Query", "QueryInfo", "SearchResult",
-    "StageProgress", "check_models", "default_cache", "pull_models", "rank_products",
+    "StageProgress", "check_models", "default_cache", "pull_models", "rank_products", "store_similarity",
 ]  # fmt: skip
 
 
@@ -81,27 +81,28 @@ class Catalog:
 
     @classmethod
     def open(cls, directory: str | Path, config: PipelineConfig | None = None, create: bool = False,
-             threads: int = 2, limits: Limits = DEFAULT_LIMITS, check_models: bool = True, index: str | None = None,
+             threads: int = 2, limits: Limits = DEFAULT_LIMITS, check_models: bool = True, store: str | None = None,
              **index_options) -> Catalog:  # fmt: skip
         """Open a catalog; with create=True make it if absent. Its recorded config wins over `config`.
         A catalog whose vectors came from other model files than those it would load is refused
-        (check_models=False opens it anyway, to rebuild them: `reindex`). `index`: the vector index
-        backend of a new catalog (`index.BACKENDS`; default "local"), recorded in it."""
+        (check_models=False opens it anyway, to rebuild them: `reindex`). `store`: where a new catalog's
+        vectors are searched (`local`, the default, `milvus:///path/lite.db` or `milvus://host:19530`),
+        recorded in it."""
         directory = Path(directory)
         if not create and not (directory / "catalog.db").exists():
             raise LookalikeError(
                 f"{directory}: no catalog here (create one with `lookalike index SOURCE --catalog {directory}`)"
             )
-        if index is not None and index not in BACKENDS:
-            raise LookalikeError(f"index backend {index!r}: expected one of {', '.join(BACKENDS)}")
-        store = CatalogDB(directory, index=index, **index_options)
-        recorded = store.get_meta("config")
+        if store is not None:
+            store_backend(store)  # refused by name before anything is made
+        db = CatalogDB(directory, store=store, **index_options)
+        recorded = db.get_meta("config")
         stored = PipelineConfig.from_json(recorded) if recorded else None
-        catalog = cls(directory, store, stored or config or PipelineConfig(), threads=threads, limits=limits)
+        catalog = cls(directory, db, stored or config or PipelineConfig(), threads=threads, limits=limits)
         if stored is not None and config is not None and config != stored:
             size = catalog.encoder.models.embedder.size  # 0 and the model's own size are one setting
             if config.sized(size) != stored.sized(size):
-                store.close()
+                db.close()
                 raise LookalikeError(
                     f"{directory} was indexed with another pipeline configuration ({recorded}); "
                     "use a new catalog directory for a different one"
@@ -147,14 +148,22 @@ class Catalog:
 
     # -- indexing -----------------------------------------------------------------------------
     def index(self, source: str | Path | Iterable[Item], progress: StageProgress | None = None, prune: bool = True,
-              dry_run: bool = False, source_name: str | None = None) -> IndexReport:  # fmt: skip
+              dry_run: bool = False, source_name: str | None = None, ray: str | None = None,
+              workers: int | None = None) -> IndexReport:  # fmt: skip
         """Bring the catalog in line with the source: new or changed images are embedded, images this
         source added before and no longer lists are dropped (prune; products added by other sources
         or the API are never touched), failures are reported and kept out. With dry_run nothing is
-        embedded or written: the report says what would be. `source_name` names an iterable source."""
+        embedded or written: the report says what would be. `source_name` names an iterable source.
+        `ray`: embed on Ray Data actors instead of this process's threads ("local": start Ray here with
+        `workers` CPUs; "auto" or "ray://host:10001": join a cluster); the same records either way."""
         t0 = time.perf_counter()
+        runner = None
+        if ray is not None:
+            from lookalike.cluster import RayRunner
+
+            runner = RayRunner(ray, workers)
         report, items, claimed = indexing.embed_source(self.store, self.encoder, source, self.threads, progress,
-                                                       prune, dry_run, source_name)  # fmt: skip
+                                                       prune, dry_run, source_name, runner)  # fmt: skip
         if not dry_run:
             self._record_config()
             indexing.settle(self.store, report, items, claimed, self.uploads)
@@ -245,6 +254,13 @@ class Catalog:
         """(Re)learn the whitening when the catalog is new or changed a lot (`projection.py`)."""
         return self.projection.refresh(self.config, force)
 
+    def migrate(self, store: str) -> dict:
+        """Move the catalog's vectors to another store (`local`, `milvus://...`) without re-embedding:
+        they are read from the catalog's database, checked, and the old store's copy deleted."""
+        before = self.store.index_name
+        moved = self.store.migrate(store)
+        return {"from": before, "to": store, "vectors": moved, "index": self.store.index_kind()}
+
     def remove(self, product_ids: list[str]) -> int:
         """Drop products with all their images (and their stored uploads); returns the images removed."""
         removed = self.store.remove(products=product_ids)
@@ -328,8 +344,31 @@ class Catalog:
             "dim": self.store.dim,
             "search_dim": self.projection.dim(self.store.dim),
             "index": self.store.index_kind(),
+            "store": self.store.index_name,
             "config": json.loads(self.config.to_json()),
         }
+
+
+def store_similarity(store: str, gallery: np.ndarray, queries: np.ndarray, exclude: np.ndarray,
+                     k: int = 100) -> np.ndarray:  # fmt: skip
+    """Query x gallery scores as a store serves them (eval --store): the gallery put into a scratch
+    catalog on `store`, each query's top k searched through it (`exclude[q]`: a gallery row it must
+    not match, or -1); scores it did not return are -inf. Deleted from the store afterwards."""
+    import tempfile
+
+    sim = np.full((len(queries), len(gallery)), -np.inf, dtype=np.float32)
+    with tempfile.TemporaryDirectory(prefix="lookalike-eval-") as tmp:
+        db = CatalogDB(tmp, store=store)
+        try:
+            db.add([ImageRecord("g", f"g/{i}", "0" * 64, v) for i, v in enumerate(gallery)])
+            for q, vector in enumerate(queries):
+                for hit in db.search(vector, min(k + 1, len(gallery))):
+                    g = int(hit.image.rsplit("/", 1)[1])
+                    if g != exclude[q]:
+                        sim[q, g] = hit.score
+        finally:
+            db.discard()
+    return sim
 
 
 # -- model files: set-up for the faces ---------------------------------------------------------------

@@ -12,8 +12,10 @@ import numpy as np
 
 from lookalike.errors import LookalikeError
 
-# name -> "module:factory"; the factory takes (directory, dim, expected, tag, **options)
-BACKENDS = {"local": "lookalike.index.local:local"}
+# name -> "module:factory"; the factory takes (directory, dim, expected, tag, **options), and for a
+# store given with an address (`milvus://host:19530`) address=that spec
+BACKENDS = {"local": "lookalike.index.local:local", "milvus": "lookalike.index.milvus:milvus"}
+SCHEMES = {"milvus": "milvus", "milvuss": "milvus"}  # an address's scheme -> its backend
 
 
 class VectorIndex(Protocol):
@@ -38,18 +40,40 @@ class VectorIndex(Protocol):
         """Persist a snapshot for a fast next open under this tag (the vectors' space: a snapshot of
         another one is never used), with the caller's note; may do nothing."""
 
+    def drop(self) -> None:
+        """Delete everything this backend keeps for the catalog (after a migration to another store)."""
+
     def close(self) -> None: ...
 
 
-def open_index(name: str, directory: Path, dim: int, expected: int, tag: str | None, **options) -> VectorIndex:
-    """The backend `name`, for `expected` vectors of size `dim`. It may come back holding the snapshot
-    it saved under `tag` (None: start empty), `restored` then being that snapshot's note."""
-    return backend(name)(directory, dim, expected, tag, **options)
+def store_backend(spec: str) -> tuple[str, dict]:
+    """A store as the user names it (`local`, `milvus:///path/lite.db`, `milvus://host:19530`) ->
+    its backend's name and the options that say where it is. Refuses a malformed one, by name."""
+    if "://" in spec:
+        scheme = spec.split("://", 1)[0]
+        if scheme not in SCHEMES:
+            raise LookalikeError(f"store {spec!r}: unknown scheme {scheme!r} (expected local or milvus://...)")
+        check = getattr(importlib.import_module(BACKENDS[SCHEMES[scheme]].split(":")[0]), "address", None)
+        if check is not None:
+            check(spec)  # a malformed address fails here, before anything is written
+        return SCHEMES[scheme], {"address": spec}
+    if spec not in BACKENDS or spec in SCHEMES:
+        named = ", ".join(b for b in BACKENDS if b not in SCHEMES)
+        raise LookalikeError(f"store {spec!r}: expected {named}, milvus:///path/to/lite.db or milvus://host:19530")
+    return spec, {}
 
 
-def kind_of(name: str, expected: int, **options) -> str:
-    """How backend `name` would search `expected` vectors, without building anything (`lookalike info`,
-    a server's health check): its optional `kind_for`, else its name."""
+def open_index(spec: str, directory: Path, dim: int, expected: int, tag: str | None, **options) -> VectorIndex:
+    """The store `spec`'s index, for `expected` vectors of size `dim`. It may come back holding the
+    snapshot it saved under `tag` (None: start empty), `restored` then being that snapshot's note."""
+    name, where = store_backend(spec)
+    return backend(name)(directory, dim, expected, tag, **options, **where)
+
+
+def kind_of(spec: str, expected: int, **options) -> str:
+    """How store `spec` would search `expected` vectors, without building anything (`lookalike info`,
+    a server's health check): its backend's optional `kind_for`, else its name."""
+    name, _ = store_backend(spec)
     kind_for = getattr(backend(name), "kind_for", None)
     return kind_for(expected, **options) if kind_for else name
 

@@ -112,6 +112,10 @@ class CompactIndex:
                 if old.name not in keep:
                     old.unlink(missing_ok=True)
 
+    def drop(self) -> None:
+        for path in [*self.directory.glob("compact-*"), self.directory / "compact.lock"]:
+            path.unlink(missing_ok=True)
+
     def close(self) -> None:
         self.index = None
         if self.rows is not None:

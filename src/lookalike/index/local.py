@@ -137,5 +137,9 @@ class FlatIndex:
         tmp.replace(target)
         target.with_suffix(".json").write_text(json.dumps(note))
 
+    def drop(self) -> None:
+        for path in self.directory.glob("index-*"):
+            path.unlink(missing_ok=True)
+
     def close(self) -> None:
         self.index = None
