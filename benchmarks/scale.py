@@ -43,7 +43,7 @@ BRANDS = 100  # the filter `brand=b07` matches 1% of products
 CHUNK = 20_000
 # compact: the local default; hnsw: the local store before issue 13 (HNSW over float32); milvus: Milvus
 # Lite in a file beside the catalog, the vectors moved there with `store migrate` (issue 14)
-STORES = {"compact": {}, "hnsw": {"large": "hnsw"}, "milvus": {}, "milvus-flat": {"index_type": "FLAT"}}
+STORES = {"compact": {}, "hnsw": {"large": "hnsw"}, "milvus": {}, "milvus-ivf": {"index_type": "IVF_FLAT"}}
 
 
 def machine() -> str:

@@ -50,8 +50,10 @@ def lite(tmp_path, branded_catalog) -> tuple[Path, str, Path]:
 
 def test_cli_search_filter_remove_and_reopen_on_milvus_lite(lite, branded_catalog):
     catalog, spec, manifest = lite
+    again = cli("index", str(manifest), "--catalog", str(catalog), "-q")  # incremental: nothing to embed
+    assert "0 new, 0 changed), 18 unchanged" in again.stdout
     info = json.loads(cli("info", "--catalog", str(catalog), "--json").stdout)
-    assert info["store"] == spec and info["index"] == "milvus-ivf_flat" and info["images"] == 18
+    assert info["store"] == spec and info["index"] == "milvus-flat" and info["images"] == 18
     photos = [Path(line.split(",")[1]) for line in manifest.read_text().splitlines()[1::3]]
     # the same answers as the local store of the same photos (conftest's branded catalog)
     assert top10(catalog, photos) == top10(branded_catalog, photos)
@@ -108,7 +110,7 @@ def test_api_and_eval_on_milvus_lite(lite, tmp_path, sneaker_folder):
             r = httpx.post(url + "/search", files={"image": ("q.jpg", f, "image/jpeg")}, timeout=60)
         assert r.json()["results"][0]["product_id"] == "new-one"
         assert httpx.delete(url + "/products/new-one", headers=auth, timeout=60).status_code == 200
-        assert httpx.get(url + "/stats", timeout=10).json()["index"] == "milvus-ivf_flat"
+        assert httpx.get(url + "/stats", timeout=10).json()["index"] == "milvus-flat"
     finally:
         stop_server(proc)
     # eval through a Milvus Lite store gives the exact evaluation's figures on a small gallery

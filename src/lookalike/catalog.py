@@ -534,6 +534,13 @@ class CatalogDB:
                 out.update({p: json.loads(m) for p, m in self.db.execute(q, chunk)})
         return out
 
+    def product_vectors(self, product_id: str) -> np.ndarray:
+        """A product's stored vectors (as embedded), one row an image; none for an unknown product."""
+        with self.lock:
+            blobs = [r[0] for r in self.db.execute("SELECT vector FROM images WHERE product_id=? ORDER BY id",
+                                                   (product_id,))]  # fmt: skip
+        return np.stack([np.frombuffer(b, dtype=np.float32) for b in blobs]) if blobs else np.zeros((0, self.dim or 0))
+
     def product(self, product_id: str) -> tuple[dict, list[str]] | None:
         """A product's metadata and image keys (in the order added), read in one snapshot so a reader
         never pairs one version's metadata with another's images."""

@@ -15,6 +15,7 @@ from lookalike.pipeline import (
     RANKS,
     BoxChoice,
     Catalog,
+    Columns,
     PipelineConfig,
     check_models,
     pull_models,
@@ -64,8 +65,11 @@ def cmd_index(args: argparse.Namespace) -> int:
     config = PipelineConfig().with_options(options) if options else None
     with Catalog.open(args.catalog, config=config, create=True, threads=args.threads, store=args.store) as cat:
         bars = Bars(args.quiet)
+        columns = Columns(
+            args.id_column, args.image_column, tuple(args.metadata_column) if args.metadata_column else None
+        )
         report = cat.index(args.source, progress=bars, prune=not args.keep_missing, dry_run=args.dry_run,
-                           ray=args.ray, workers=args.workers)  # fmt: skip
+                           ray=args.ray, workers=args.workers, columns=columns)  # fmt: skip
         bars.close()
         for where, message in report.warnings:
             print(f"warning {where}: {message}", file=sys.stderr)
@@ -94,17 +98,26 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    if (args.image is None) == (args.product is None):
+        raise LookalikeError("search: give a photo (IMAGE) or --product ID, one of the two")
     with Catalog.open(args.catalog, threads=args.threads) as cat:
-        result = cat.search(
-            args.image, k=args.k, where=_where(args.where), box=BoxChoice.parse(args.box), rank=args.rank
-        )
+        if args.product is not None:
+            result = cat.similar(args.product, k=args.k, where=_where(args.where), rank=args.rank)
+        else:
+            result = cat.search(
+                args.image, k=args.k, where=_where(args.where), box=BoxChoice.parse(args.box), rank=args.rank
+            )
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
     q = result.query
     used = q.box_used
     where = f" box {used.x1:.0f},{used.y1:.0f},{used.x2:.0f},{used.y2:.0f}" if used else ""
-    print(f"query: {len(q.boxes)} shoe box(es) detected; searched with the {q.crop} crop{where} ({q.took_ms:.0f} ms)")
+    if args.product is not None:
+        print(f"more like {args.product} (its stored vectors, {q.took_ms:.0f} ms)")
+    else:
+        print(f"query: {len(q.boxes)} shoe box(es) detected; searched with the {q.crop} crop{where} "
+              f"({q.took_ms:.0f} ms)")  # fmt: skip
     for rank, m in enumerate(result.results, 1):
         meta = " ".join(f"{k}={v}" for k, v in m.metadata.items())
         print(f"{rank:>3}  {m.score:.4f}  {m.product_id}  {m.image}  {meta}".rstrip())
@@ -283,6 +296,10 @@ def parser() -> argparse.ArgumentParser:
                     help="embed on Ray Data actors: alone, a Ray started here; with an address (auto, "
                          "ray://host:10001), a running cluster whose workers reach the images")  # fmt: skip
     sp.add_argument("--workers", type=int, help="Ray actors (default: the CPUs of Ray's cluster)")
+    sp.add_argument("--id-column", default="product_id", help="manifest column of the product id")
+    sp.add_argument("--image-column", default="image", help="manifest column of the image path or URL")
+    sp.add_argument("--metadata-column", action="append", metavar="NAME",
+                    help="manifest column kept as metadata, repeatable (default: every other column)")  # fmt: skip
     sp.add_argument("--keep-missing", action="store_true", help="keep images this source no longer lists")
     sp.add_argument("--dry-run", action="store_true", help="say what would be indexed and removed; write nothing")
     sp.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -290,8 +307,9 @@ def parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_index)
 
     sp = sub.add_parser("search", help="find the catalog products most like a photo")
-    sp.add_argument("image", help="image path or http(s) URL")
+    sp.add_argument("image", nargs="?", help="image path or http(s) URL")
     catalog_arg(sp)
+    sp.add_argument("--product", metavar="ID", help="instead of a photo: more like this catalog product")
     sp.add_argument("-k", type=int, default=10)
     sp.add_argument(
         "--where",

@@ -12,7 +12,7 @@ from lookalike.catalog import CatalogDB, ImageRecord
 from lookalike.encoder import Encoder, StageProgress, run_parallel, safely, stage
 from lookalike.images import ImageSource, Photo
 from lookalike.results import IndexReport
-from lookalike.sources import Item, SourceProblem, iter_source, source_id
+from lookalike.sources import Columns, Item, SourceProblem, iter_source, source_id
 from lookalike.uploads import Uploads
 
 if TYPE_CHECKING:
@@ -37,14 +37,15 @@ def absolute(image: str | ImageSource) -> str:
 
 def embed_source(store: CatalogDB, encoder: Encoder, source: str | Path | Iterable[Item], threads: int,
                  progress: StageProgress | None, prune: bool, dry_run: bool, source_name: str | None,
-                 ray: RayRunner | None = None) -> tuple[IndexReport, list[Item], list[Key]]:  # fmt: skip
+                 ray: RayRunner | None = None, columns: Columns | None = None,
+                 ) -> tuple[IndexReport, list[Item], list[Key]]:  # fmt: skip
     """Embed and store the source's new or changed photos (nothing is written in a dry run), on this
     machine's threads or on Ray's actors. Returns the report (with the images to prune), the items
     listed, and the unchanged images this source now claims."""
     sid = source_id(source) if isinstance(source, str | Path) else (source_name or "python")
     report = IndexReport(source=sid, dry_run=dry_run)
     items: list[Item] = []
-    for entry in iter_source(source) if isinstance(source, str | Path) else source:
+    for entry in iter_source(source, columns) if isinstance(source, str | Path) else source:
         if isinstance(entry, SourceProblem):
             (report.warnings if entry.warning else report.failed).append((entry.where, entry.reason))
         else:

@@ -29,13 +29,13 @@ from lookalike.projection import Projection
 from lookalike.query import DEFAULT_RANK, Searcher
 from lookalike.ranking import RANKS
 from lookalike.results import IndexReport, Match, QueryInfo, SearchResult
-from lookalike.sources import Item
+from lookalike.sources import Columns, Item
 from lookalike.uploads import Uploads
 
 # What the faces (CLI, app, API, eval) and Python users call; nothing below this module is theirs.
 __all__ = [
-    "DEFAULT_RANK", "PULL_HINT", "RANKS", "Box", "BoxChoice", "Catalog", "ImageSource", "IndexReport", "Item",
-    "Limits", "Match", "Photos", "PipelineConfig", "Progress", "Query", "QueryInfo", "SearchResult",
+    "DEFAULT_RANK", "PULL_HINT", "RANKS", "Box", "BoxChoice", "Catalog", "Columns", "ImageSource", "IndexReport",
+    "Item", "Limits", "Match", "Photos", "PipelineConfig", "Progress", "Query", "QueryInfo", "SearchResult",
     "StageProgress", "check_models", "default_cache", "pull_models", "rank_products", "store_similarity",
 ]  # fmt: skip
 
@@ -149,13 +149,14 @@ class Catalog:
     # -- indexing -----------------------------------------------------------------------------
     def index(self, source: str | Path | Iterable[Item], progress: StageProgress | None = None, prune: bool = True,
               dry_run: bool = False, source_name: str | None = None, ray: str | None = None,
-              workers: int | None = None) -> IndexReport:  # fmt: skip
+              workers: int | None = None, columns: Columns | None = None) -> IndexReport:  # fmt: skip
         """Bring the catalog in line with the source: new or changed images are embedded, images this
         source added before and no longer lists are dropped (prune; products added by other sources
         or the API are never touched), failures are reported and kept out. With dry_run nothing is
         embedded or written: the report says what would be. `source_name` names an iterable source.
         `ray`: embed on Ray Data actors instead of this process's threads ("local": start Ray here with
-        `workers` CPUs; "auto" or "ray://host:10001": join a cluster); the same records either way."""
+        `workers` CPUs; "auto" or "ray://host:10001": join a cluster); the same records either way.
+        `columns`: a manifest's column names, when not `product_id` and `image`."""
         t0 = time.perf_counter()
         runner = None
         if ray is not None:
@@ -163,7 +164,7 @@ class Catalog:
 
             runner = RayRunner(ray, workers)
         report, items, claimed = indexing.embed_source(self.store, self.encoder, source, self.threads, progress,
-                                                       prune, dry_run, source_name, runner)  # fmt: skip
+                                                       prune, dry_run, source_name, runner, columns)  # fmt: skip
         if not dry_run:
             self._record_config()
             indexing.settle(self.store, report, items, claimed, self.uploads)
@@ -309,6 +310,16 @@ class Catalog:
         except VectorsChangedError:  # the vectors were swapped (tuning) mid-search: once more, new model
             self._follow()
             return self.searcher.search(image, k, where, box, rank)
+
+    def similar(self, product_id: str, k: int = 10, where: dict[str, str] | None = None,
+                rank: str = DEFAULT_RANK) -> SearchResult:  # fmt: skip
+        """More like this: the top-k other products for a catalog product, from its stored vectors."""
+        self._follow()
+        try:
+            return self.searcher.similar(product_id, k, where, rank)
+        except VectorsChangedError:
+            self._follow()
+            return self.searcher.similar(product_id, k, where, rank)
 
     def embed(self, image: ImageInput | Image.Image) -> np.ndarray:
         """The vector a photo is searched with (automatic crop)."""

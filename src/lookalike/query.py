@@ -60,6 +60,19 @@ class Searcher:
         info = QueryInfo(boxes, out.crop.box, out.crop.path, (time.perf_counter() - t0) * 1000)
         return SearchResult(info, matches)
 
+    def similar(self, product_id: str, k: int, where: dict[str, str] | None, rank: str) -> SearchResult:
+        """More like this: the products nearest a catalog product, searched with the mean of its stored
+        vectors (no photo, no re-embedding); the product itself is left out."""
+        t0 = time.perf_counter()
+        vectors = self.store.product_vectors(product_id)
+        if not len(vectors):
+            raise LookalikeError(f"no product {product_id!r} in the catalog")
+        mean = vectors.mean(axis=0)
+        vector = (mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32)
+        matches = [m for m in self.search_vector(vector, k + 1, where, rank) if m.product_id != product_id][:k]
+        info = QueryInfo([], None, f"product {product_id}", (time.perf_counter() - t0) * 1000)
+        return SearchResult(info, matches)
+
     def search_vector(self, vector: np.ndarray, k: int, where: dict[str, str] | None, rank: str) -> list[Match]:
         """Products ranked by a score over their images; each match shows its best image. The index is
         asked for more images until k products are found (or the catalog has no more)."""

@@ -2,8 +2,8 @@
 
 Folder: a sub-folder's name is the product id (several images per product); an image lying
 directly in the folder is its own product, named by its file stem. Manifest: columns
-`product_id` and `image` (path, relative to the manifest, or URL); every other column is
-product metadata, kept and returned with results.
+`product_id` and `image` (path, relative to the manifest, or URL; other names with `Columns`);
+every other column (or those named) is product metadata, kept and returned with results.
 
 Nothing here stops a run: a name that is not UTF-8, a symbolic link loop, a FIFO, a format Pillow
 cannot open, an oversize or broken manifest row each become a `SourceProblem` naming it and why.
@@ -45,6 +45,25 @@ class Item:
 
 
 @dataclass(frozen=True)
+class Columns:
+    """Which manifest columns hold what, so a shop's own CSV works as it is
+    (`index --id-column sku --image-column photo --metadata-column name ...`)."""
+
+    product_id: str = "product_id"
+    image: str = "image"
+    metadata: tuple[str, ...] | None = None  # None: every other column
+
+    def check(self, path: Path, names: list[str]) -> None:
+        """Refuse, before anything is indexed, a manifest without the columns asked for."""
+        wanted = [("--id-column", self.product_id), ("--image-column", self.image)]
+        wanted += [("--metadata-column", m) for m in self.metadata or ()]
+        for option, name in wanted:
+            if name not in names:
+                shown = ", ".join(repr(n) for n in names[:20]) + (" ..." if len(names) > 20 else "")
+                raise LookalikeError(f"{path}: no column {name!r} (it has {shown}); name the right one with {option}")
+
+
+@dataclass(frozen=True)
 class SourceProblem:
     """A row or file that can't become an item; reported, never fatal. A warning is not a skip:
     the input was used, but not exactly as written (e.g. duplicate product ids merged)."""
@@ -59,12 +78,12 @@ def source_id(source: str | Path) -> str:
     return str(Path(source).resolve())
 
 
-def iter_source(source: str | Path) -> Iterator[Item | SourceProblem]:
+def iter_source(source: str | Path, columns: Columns | None = None) -> Iterator[Item | SourceProblem]:
     path = Path(source)
     if path.is_dir():
         yield from _iter_folder(path)
     elif path.is_file() and path.suffix.lower() in MANIFEST_SUFFIXES:
-        yield from _merge_duplicates(_iter_manifest(path))
+        yield from _merge_duplicates(_iter_manifest(path, columns or Columns()))
     elif path.is_file():
         raise LookalikeError(f"{shorten(str(source))}: not a folder nor a manifest (.csv, .parquet, .jsonl)")
     else:
@@ -187,21 +206,28 @@ def _row_problem(row: dict) -> str | None:
     return None
 
 
-def _iter_manifest(path: Path) -> Iterator[tuple[str, Item] | SourceProblem]:
+def _iter_manifest(path: Path, columns: Columns) -> Iterator[tuple[str, Item] | SourceProblem]:
     base = path.resolve().parent
+    checked = False
     for where, row in _rows(path):
         problem = _row_problem(row)
         if problem:
             yield SourceProblem(where, problem)
             continue
-        product_id, image = row.get("product_id"), row.get("image")
+        if not checked:  # the first readable row shows the columns (a CSV's header, JSONL's first object)
+            columns.check(path, [str(k) for k in row])
+            checked = True
+        product_id, image = row.get(columns.product_id), row.get(columns.image)
         if product_id in (None, "") or image in (None, ""):
-            yield SourceProblem(where, "row needs both product_id and image")
+            yield SourceProblem(where, f"row needs both {columns.product_id} and {columns.image}")
             continue
         image = str(image)
         if not is_url(image) and "://" not in image:
             image = str((base / image).resolve())
-        metadata = {k: _plain(v) for k, v in row.items() if k not in ("product_id", "image") and v not in (None, "")}
+        keep = columns.metadata
+        metadata = {k: _plain(v) for k, v in row.items()
+                    if k not in (columns.product_id, columns.image) and v not in (None, "")
+                    and (keep is None or k in keep)}  # fmt: skip
         yield where, Item(str(product_id), image, metadata)
 
 

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import anyio
-from fastapi import APIRouter, Depends, Form, HTTPException
+from fastapi import APIRouter, Depends, Form, HTTPException, Query
 from fastapi.responses import FileResponse, RedirectResponse
+from pydantic import Field
 
 from lookalike.api.bodies import FormRoute, JsonRoute, given_once, upload_bytes
 from lookalike.api.schemas import (
     ERRORS,
+    MAX_K,
     READ_ERRORS,
     DeleteResponse,
     ErrorResponse,
@@ -22,8 +24,9 @@ from lookalike.api.schemas import (
 )
 from lookalike.api.service import SMALL_BODY, Service, service, writer
 from lookalike.api.settings import ApiSettings
-from lookalike.pipeline import ImageSource
+from lookalike.pipeline import DEFAULT_RANK, RANKS, ImageSource, SearchResult
 
+WHERE_PAIR = r"^\s*[^=\s][^=]*="  # a filter in a query string: KEY=VALUE, the key not blank
 IMAGE_RESPONSES = {**READ_ERRORS, 200: {"content": {"image/*": {}}}, 307: {"description": "the image's URL"}}
 
 
@@ -33,6 +36,24 @@ def reads(reads: list) -> APIRouter:
     @api.get("/products/{product_id}", response_model=ProductResponse, responses=READ_ERRORS)
     def get_product(product_id: str, svc: Service = Depends(service)) -> Any:  # noqa: B008
         return _response(_product(svc, product_id))
+
+    @api.get("/products/{product_id}/similar", response_model=SearchResult, responses=ERRORS)
+    async def get_similar(product_id: str, svc: Service = Depends(service),  # noqa: B008
+                          k: Annotated[int, Query(ge=1, le=MAX_K)] = 10,
+                          rank: Annotated[Literal[RANKS], Query()] = DEFAULT_RANK,  # type: ignore[valid-type]
+                          where: Annotated[list[Annotated[str, Field(pattern=WHERE_PAIR)]] | None,
+                                           Query(description="KEY=VALUE (VALUE compared without case, or "
+                                                             "LOW..HIGH), repeatable")] = None,
+                          ) -> Any:  # fmt: skip
+        """More like this: the products most like a catalog product, from its stored vectors."""
+        filters = {}
+        for pair in where or []:  # each one KEY=VALUE (the pattern)
+            key, _, value = pair.partition("=")
+            filters[key.strip()] = value.strip()
+        _product(svc, product_id)  # 404 for an unknown product
+        result = await anyio.to_thread.run_sync(svc.catalog.similar, product_id, k, filters or None, rank,
+                                                limiter=svc.inference)  # fmt: skip
+        return result.to_dict()
 
     @api.get("/products/{product_id}/image/{n}", responses=IMAGE_RESPONSES)
     def get_product_image(product_id: str, n: int, svc: Service = Depends(service)) -> Any:  # noqa: B008

@@ -73,9 +73,9 @@ def open_index(spec: str, directory: Path, dim: int, expected: int, tag: str | N
 def kind_of(spec: str, expected: int, **options) -> str:
     """How store `spec` would search `expected` vectors, without building anything (`lookalike info`,
     a server's health check): its backend's optional `kind_for`, else its name."""
-    name, _ = store_backend(spec)
+    name, where = store_backend(spec)
     kind_for = getattr(backend(name), "kind_for", None)
-    return kind_for(expected, **options) if kind_for else name
+    return kind_for(expected, **options, **where) if kind_for else name
 
 
 def backend(name: str) -> type:

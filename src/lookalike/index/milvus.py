@@ -29,9 +29,11 @@ log = logging.getLogger("lookalike")
 TOKEN_ENV = "LOOKALIKE_MILVUS_TOKEN"  # a server's token ("user:password" or an API key): never on a command line
 INSERT_BATCH = 200  # rows per upsert call: 4,200 rows/s into Milvus Lite at 1280 dims (2,000: 107 rows/s)
 FILTER_IDS = 16_384  # ids per `id in [...]` expression; more are searched in several calls and merged
-# what `index_type` builds and how it is searched. IVF_FLAT is the default, chosen by measurement
-# (BENCHMARKS.md "Scaling out"): at 100k vectors in Milvus Lite, p50 9 ms against FLAT's 60 ms, and
-# Milvus Lite builds no HNSW (a server does: `Catalog.open(..., index_type="HNSW")`)
+# what `index_type` builds and how it is searched; "auto" (the default), by measurement (BENCHMARKS.md
+# "Scaling out"): FLAT on Milvus Lite, which builds none of the approximate indexes it is asked for
+# (it searches its own interim index, whatever nlist or nprobe say: recall@10 0.59 at 100k vectors,
+# p50 5 ms; FLAT is exact, p50 ~55 ms at 100k, ~12 ms at 20k), IVF_FLAT on a server (nlist 1,024,
+# 64 lists probed: the compact index's first stage, measured here with FAISS). HNSW on request.
 INDEXES = {
     "IVF_FLAT": ({"nlist": 1024}, lambda k: {"nprobe": 64}),
     "HNSW": ({"M": 16, "efConstruction": 200}, lambda k: {"ef": max(128, k)}),
@@ -101,12 +103,18 @@ _CLIENTS: dict[tuple[str, str], list] = {}  # (uri, token) -> [MilvusClient, use
 
 
 def milvus(directory: Path, dim: int, expected: int, tag: str | None, address: str = "",
-           index_type: str = "IVF_FLAT", **_) -> MilvusIndex:  # fmt: skip
-    return MilvusIndex(directory, dim, tag, address, index_type)
+           index_type: str = "auto", **_) -> MilvusIndex:  # fmt: skip
+    return MilvusIndex(directory, dim, tag, address, _index_type(index_type, address))
 
 
-def kind_for(expected: int, index_type: str = "IVF_FLAT", **_) -> str:
-    return f"milvus-{index_type.lower()}"
+def kind_for(expected: int, index_type: str = "auto", address: str = "", **_) -> str:
+    return f"milvus-{_index_type(index_type, address).lower()}"
+
+
+def _index_type(index_type: str, spec: str) -> str:
+    if index_type == "auto":
+        return "FLAT" if spec.startswith("milvus:///") else "IVF_FLAT"
+    return index_type
 
 
 milvus.kind_for = kind_for
@@ -115,7 +123,7 @@ milvus.kind_for = kind_for
 class MilvusIndex:
     """Vectors by image id in a Milvus collection (inner product over unit vectors)."""
 
-    def __init__(self, directory: Path, dim: int, tag: str | None, spec: str, index_type: str = "IVF_FLAT"):
+    def __init__(self, directory: Path, dim: int, tag: str | None, spec: str, index_type: str = "FLAT"):
         if index_type not in INDEXES:
             raise LookalikeError(f"milvus index_type {index_type!r}: expected one of {', '.join(INDEXES)}")
         self.directory, self.spec, self.dim, self.index_type = Path(directory), spec, dim, index_type
