@@ -62,6 +62,7 @@ def set_query(cat: Catalog, source, name: str) -> None:
         st.session_state["load_error"] = str(e)
         return
     st.session_state.pop("load_error", None)
+    st.session_state.pop("similar", None)  # a new photo ends a "more like this"
     st.session_state["reset_box"] = True  # a new photo starts with the automatic box
     st.session_state["query"] = query
     st.session_state["query_name"] = name
@@ -153,10 +154,13 @@ def card(rank: int, match) -> str:
 def show_results(cat: Catalog, result: SearchResult) -> None:
     q = result.query
     used = f" box {q.box_used.x1:.0f},{q.box_used.y1:.0f}–{q.box_used.x2:.0f},{q.box_used.y2:.0f}" if q.box_used else ""
-    st.caption(
-        f"Search took {q.took_ms:.0f} ms · {len(q.boxes)} shoe box(es) detected · searched with the "
-        f"**{q.crop}** crop{used}"
-    )
+    if "similar" in st.session_state:
+        st.caption(f"Search took {q.took_ms:.0f} ms · more like **{st.session_state['similar']}** (its stored vectors)")
+    else:
+        st.caption(
+            f"Search took {q.took_ms:.0f} ms · {len(q.boxes)} shoe box(es) detected · searched with the "
+            f"**{q.crop}** crop{used}"
+        )
     if not result.results:
         st.warning("No product matches these filters.")
     cols = st.columns(COLUMNS)
@@ -167,9 +171,31 @@ def show_results(cat: Catalog, result: SearchResult) -> None:
             except Exception:  # a catalog image moved or unreachable: still show the card
                 st.caption("(image unavailable)")
             st.markdown(card(rank, match), unsafe_allow_html=True)
-            if st.button("More like this", key=f"more_{rank}"):
-                set_query(cat, match.image, match.image)
+            if st.button("More like this", key=f"more_{rank}"):  # the product's stored vectors, no photo
+                st.session_state["similar"] = match.product_id
                 st.rerun()
+
+
+def show_similar(cat: Catalog, k: int, where: dict | None) -> None:
+    """More like a catalog product: its images on the left, the products nearest it on the right."""
+    product_id = st.session_state["similar"]
+    left, right = st.columns([1, 3])
+    with left:
+        product = cat.product(product_id)
+        if product is None:  # removed meanwhile
+            st.session_state.pop("similar")
+            st.rerun()
+        st.markdown(f"**More like {html.escape(product_id)}**")
+        for image in product["images"][:3]:
+            try:
+                st.image(image, width="stretch")
+            except Exception:
+                st.caption("(image unavailable)")
+        if st.button("Back", key="similar_back"):
+            st.session_state.pop("similar")
+            st.rerun()
+    with right:
+        show_results(cat, cat.similar(product_id, k=k, where=where))
 
 
 def main() -> None:
@@ -194,6 +220,9 @@ def main() -> None:
     query_inputs(cat)
     if "load_error" in st.session_state:
         st.error(st.session_state["load_error"])
+    if "similar" in st.session_state:
+        show_similar(cat, k, where)
+        return
     query: Query | None = st.session_state.get("query")
     if query is None:
         st.info("Give a photo of a shoe: upload one, take one, paste an image URL, or try an example.")
