@@ -81,3 +81,29 @@ def test_a_shops_own_manifest_columns(tmp_path, sneaker_folder):
     assert wrong.returncode == 2
     assert "no column 'product_id' (it has 'sku', 'photo', 'name', 'internal_note')" in wrong.stderr
     assert "--id-column" in wrong.stderr and len(wrong.stderr.strip().splitlines()) == 1
+
+
+def test_info_lists_products_with_near_identical_photos(tmp_path, branded_catalog):
+    """Issue 15: `info --duplicates`: one photo filed under two products (here re-encoded smaller, as a
+    shop's second upload would be) is found; distinct products are not."""
+    import io
+    import shutil
+
+    from PIL import Image
+
+    catalog = tmp_path / "cat"
+    shutil.copytree(branded_catalog, catalog)
+    with Catalog.open(catalog) as cat:
+        original, photo = cat.examples(6)[4]
+        with Image.open(photo) as img:
+            copy = io.BytesIO()
+            img.convert("RGB").resize((img.width * 9 // 10, img.height * 9 // 10)).save(copy, "JPEG", quality=80)
+        cat.add_product("dup", [copy.getvalue()], {"brand": "Other"})
+    done = cli("info", "--catalog", str(catalog), "--duplicates", "--json")
+    assert done.returncode == 0, done.stderr
+    pairs = json.loads(done.stdout)["duplicates"]
+    assert pairs and all("dup" in p["products"] for p in pairs)
+    assert pairs[0]["products"] == sorted(["dup", original]) and pairs[0]["score"] >= 0.94
+    assert photo in pairs[0]["images"]
+    text = cli("info", "--catalog", str(catalog), "--duplicates", "--threshold", "1.01").stdout
+    assert "near-duplicate photos of different products (score >= 1.01): 0" in text

@@ -534,6 +534,19 @@ class CatalogDB:
                 out.update({p: json.loads(m) for p, m in self.db.execute(q, chunk)})
         return out
 
+    def each_image(self, batch: int = 1000):
+        """(product_id, image, vector as embedded) of every image, read a batch at a time."""
+        last = 0
+        while True:
+            with self.lock:
+                rows = self.db.execute("SELECT id, product_id, image, vector FROM images WHERE id > ? ORDER BY id "
+                                       "LIMIT ?", (last, batch)).fetchall()  # fmt: skip
+            if not rows:
+                return
+            for _, product_id, image, blob in rows:
+                yield product_id, self._path(image), np.frombuffer(blob, dtype=np.float32)
+            last = rows[-1][0]
+
     def product_vectors(self, product_id: str) -> np.ndarray:
         """A product's stored vectors (as embedded), one row an image; none for an unknown product."""
         with self.lock:

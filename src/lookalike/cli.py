@@ -11,6 +11,7 @@ from pathlib import Path
 from lookalike.errors import LookalikeError
 from lookalike.pipeline import (
     DEFAULT_RANK,
+    DUPLICATE_SCORE,
     PULL_HINT,
     RANKS,
     BoxChoice,
@@ -127,11 +128,22 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     with Catalog.open(args.catalog) as cat:
         info = cat.info()
+        if args.duplicates:
+            bars = Bars(args.json)
+            info["duplicates"] = cat.duplicates(
+                args.threshold, progress=lambda done, total: bars("checking", done, total)
+            )
+            bars.close()
     if args.json:
         print(json.dumps(info, indent=2))
-    else:
-        for key, value in info.items():
+        return 0
+    for key, value in info.items():
+        if key != "duplicates":
             print(f"{key}: {json.dumps(value) if isinstance(value, dict) else value}")
+    if args.duplicates:
+        print(f"near-duplicate photos of different products (score >= {args.threshold}): {len(info['duplicates'])}")
+        for d in info["duplicates"]:
+            print(f"  {d['score']:.4f}  {d['products'][0]}  {d['products'][1]}  {d['images'][0]}  {d['images'][1]}")
     return 0
 
 
@@ -337,6 +349,9 @@ def parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("info", help="catalog size and configuration")
     catalog_arg(sp)
+    sp.add_argument("--duplicates", action="store_true",
+                    help="also list products of near-identical photos (a common catalog error)")  # fmt: skip
+    sp.add_argument("--threshold", type=float, default=DUPLICATE_SCORE, help="score from which photos are duplicates")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_info)
 
