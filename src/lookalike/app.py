@@ -161,7 +161,10 @@ def show_results(cat: Catalog, result: SearchResult) -> None:
             f"Search took {q.took_ms:.0f} ms · {len(q.boxes)} shoe box(es) detected · searched with the "
             f"**{q.crop}** crop{used}"
         )
-    if not result.results:
+    if result.no_match:
+        st.warning("No close match: nothing in this catalog looks like this photo (is there a shoe in it?). "
+                   "Try another photo, or draw a box around the shoe.")  # fmt: skip
+    elif not result.results:
         st.warning("No product matches these filters.")
     cols = st.columns(COLUMNS)
     for rank, match in enumerate(result.results, 1):

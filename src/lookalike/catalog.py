@@ -547,6 +547,24 @@ class CatalogDB:
                 yield product_id, self._path(image), np.frombuffer(blob, dtype=np.float32)
             last = rows[-1][0]
 
+    def sample_vectors(self, n: int, seed: int = 0) -> tuple[np.ndarray, list[str]]:
+        """Up to n images' vectors as the index holds them (mapped) and their products: a random sample
+        by id, so that learning from the catalog never reads all of a large one."""
+        with self.lock:
+            top = self.db.execute("SELECT COALESCE(MAX(id), 0) FROM images").fetchone()[0]
+            ids = np.random.default_rng(seed).permutation(np.arange(1, top + 1))[: 2 * n].tolist() if top else []
+            rows = []
+            for chunk in _chunks(ids, 500):
+                q = f"SELECT product_id, vector FROM images WHERE id IN ({','.join('?' * len(chunk))})"
+                rows += self.db.execute(q, chunk).fetchall()
+                if len(rows) >= n:
+                    break
+        rows = rows[:n]
+        if not rows:
+            return np.zeros((0, self.dim or 0), dtype=np.float32), []
+        vectors = self._mapped(np.stack([np.frombuffer(r[1], dtype=np.float32) for r in rows]))
+        return vectors, [r[0] for r in rows]
+
     def product_vectors(self, product_id: str) -> np.ndarray:
         """A product's stored vectors (as embedded), one row an image; none for an unknown product."""
         with self.lock:

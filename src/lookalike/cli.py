@@ -114,6 +114,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     q = result.query
     used = q.box_used
     where = f" box {used.x1:.0f},{used.y1:.0f},{used.x2:.0f},{used.y2:.0f}" if used else ""
+    if result.no_match:
+        print(f"no close match: nothing in this catalog scores {result.threshold:.3f} or more "
+              f"(its threshold for unrelated photos) ({q.took_ms:.0f} ms)")  # fmt: skip
+        return 0
     if args.product is not None:
         print(f"more like {args.product} (its stored vectors, {q.took_ms:.0f} ms)")
     else:

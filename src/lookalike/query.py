@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from lookalike.boxes import BoxChoice
+from lookalike.calibration import no_match_score
 from lookalike.catalog import CatalogDB
 from lookalike.encoder import Encoder, Query
 from lookalike.errors import LookalikeError
@@ -29,6 +30,17 @@ class Searcher:
 
     def __init__(self, store: CatalogDB, projection: Projection, encoder: Callable[[], Encoder]):
         self.store, self.projection, self.encoder = store, projection, encoder
+        self._threshold: tuple[tuple, float | None] = ((), None)
+
+    def threshold(self) -> float | None:
+        """This catalog's no-match threshold (`calibration.py`), learned again when the catalog grew or
+        shrank by a fifth or its vectors' space changed (a projection, tuning)."""
+        images = self.store.count()[1]
+        key = (int(np.log(max(images, 1)) / np.log(1.2)), self.store.projection_version(), self.store.dim)
+        if self._threshold[0] != key:
+            vectors, labels = self.store.sample_vectors(5000)
+            self._threshold = key, no_match_score(vectors, labels) if len(vectors) else None
+        return self._threshold[1]
 
     def fetch(self, source: ImageInput) -> bytes:
         return self.encoder().photo(source).data
@@ -56,9 +68,11 @@ class Searcher:
         if not isinstance(box, BoxChoice):
             raise LookalikeError(f"box must be a BoxChoice (BoxChoice.parse('0'), .whole(), .manual(...)), not {box!r}")
         out = self.encoder().encode(img, box=box.resolve(boxes, img), boxes=boxes, whole=box.kind == "whole")
-        matches = self.search_vector(out.vector, k, where, rank)
+        matches, best = self._ranked(out.vector, k, where, rank)
+        threshold = self.threshold()
+        no_match = threshold is not None and best is not None and best < threshold
         info = QueryInfo(boxes, out.crop.box, out.crop.path, (time.perf_counter() - t0) * 1000)
-        return SearchResult(info, matches)
+        return SearchResult(info, [] if no_match else matches, no_match, threshold)
 
     def similar(self, product_id: str, k: int, where: dict[str, str] | None, rank: str) -> SearchResult:
         """More like this: the products nearest a catalog product, searched with the mean of its stored
@@ -76,6 +90,11 @@ class Searcher:
     def search_vector(self, vector: np.ndarray, k: int, where: dict[str, str] | None, rank: str) -> list[Match]:
         """Products ranked by a score over their images; each match shows its best image. The index is
         asked for more images until k products are found (or the catalog has no more)."""
+        return self._ranked(vector, k, where, rank)[0]
+
+    def _ranked(self, vector: np.ndarray, k: int, where: dict[str, str] | None,
+                rank: str) -> tuple[list[Match], float | None]:  # fmt: skip
+        """search_vector's matches, and the best image's score (None when nothing was found)."""
         if k < 1:
             raise LookalikeError(f"k must be at least 1 (got {k})")
         check_rank(rank)
@@ -91,4 +110,5 @@ class Searcher:
         scored = sorted(((product_score([h.score for h in g], rank), g[0]) for g in groups.values()),
                         key=lambda pair: -pair[0])[:k]  # fmt: skip
         metadata = self.store.products([h.product_id for _, h in scored])
-        return [Match(h.product_id, score, h.image, metadata.get(h.product_id, {})) for score, h in scored]
+        best = max((h.score for h in hits), default=None)
+        return [Match(h.product_id, score, h.image, metadata.get(h.product_id, {})) for score, h in scored], best

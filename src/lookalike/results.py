@@ -41,9 +41,15 @@ class QueryInfo:
 class SearchResult:
     query: QueryInfo
     results: list[Match]
+    # no product came close enough (the best image scored under the catalog's `threshold`, see
+    # `calibration.py`): `results` is then empty rather than noise
+    no_match: bool = False
+    threshold: float | None = None
 
     def to_dict(self) -> dict:
-        return {"query": self.query.to_dict(), "results": [m.to_dict() for m in self.results]}
+        return {"query": self.query.to_dict(), "no_match": self.no_match,
+                "threshold": None if self.threshold is None else round(self.threshold, 4),
+                "results": [m.to_dict() for m in self.results]}  # fmt: skip
 
 
 @dataclass

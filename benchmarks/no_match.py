@@ -1,0 +1,111 @@
+"""The "no close match" threshold: how a rule learned on the catalog alone separates shopper photos
+of catalog products from photos with no shoe in them.
+
+    bin/python benchmarks/no_match.py [--json OUT]
+
+Catalog: sneakers50's catalog shots (scene=catalog, 50 products). The rule: the threshold is a
+quantile of the scores between random pairs of *different* catalog products (what "as close as two
+unrelated products of this shop" means for this catalog and model); a query whose best product
+scores below it gets "no close match". The quantile level is chosen on products 1-25 (sneakers50
+half 1: its shopper photos against the whole catalog) and reported on products 26-50 and on suite 1
+(all shopper photos). No-shoe photos: generated plain, gradient and noise images, and crops of the
+upper fifth of `clothing_small_shoes` phone photos (floor, carpet, wall: no shoe in most of them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from suites import DATASETS  # noqa: E402
+
+from lookalike.calibration import no_match_score  # noqa: E402
+from lookalike.pipeline import Photos, PipelineConfig, default_cache  # noqa: E402
+
+LEVELS = (0.5, 0.75, 0.9, 0.95, 0.98, 0.99)
+
+
+def probes(folder: Path) -> list[Path]:
+    """Photos with no shoe: made here, and the upper fifth of real floor photos."""
+    rng = np.random.default_rng(3)
+    paths = []
+    for n in range(60):
+        kind = n % 3
+        if kind == 0:
+            a = np.full((240, 240, 3), rng.integers(0, 256, 3), dtype=np.uint8)
+        elif kind == 1:
+            t = np.linspace(0, 1, 240)[:, None, None]
+            a = (t * rng.integers(0, 256, 3) + (1 - t) * rng.integers(0, 256, 3)).astype(np.uint8).repeat(240, 1)
+        else:
+            a = rng.integers(0, 256, (240, 240, 3), dtype=np.uint8)
+        paths.append(folder / f"made-{n}.png")
+        Image.fromarray(a).save(paths[-1])
+    for photo in sorted((DATASETS / "clothing_small_shoes").rglob("*.jpg"))[:60]:
+        with Image.open(photo) as img:
+            top = img.convert("RGB").crop((0, 0, img.width, img.height // 5))
+        paths.append(folder / f"floor-{photo.stem}.png")
+        top.save(paths[-1])
+    return paths
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    rows = list(csv.DictReader(open(DATASETS / "sneakers50" / "labels.csv", newline="")))
+    photos = Photos(PipelineConfig(), 2, default_cache())
+    vectors, _ = photos.vectors([str(DATASETS / "sneakers50" / r["file"]) for r in rows])
+    ok = ~np.isnan(vectors).any(axis=1)
+    products = sorted({r["product"] for r in rows})
+    half1 = set(products[:25])
+    gallery = [i for i, r in enumerate(rows) if ok[i] and r["scene"] == "catalog"]
+    queries = [i for i, r in enumerate(rows) if ok[i] and r["scene"] == "wild"]
+    gv, glabels = vectors[gallery], [rows[i]["product"] for i in gallery]
+    score = {level: no_match_score(gv, glabels, level) for level in LEVELS}  # learned on the catalog only
+
+    def top1(qv: np.ndarray) -> tuple[np.ndarray, list[str]]:
+        sim = qv @ gv.T
+        best = sim.argmax(axis=1)
+        return sim[np.arange(len(qv)), best], [glabels[b] for b in best]
+
+    qs, qp = top1(vectors[queries])
+    right = np.array([qp[n] == rows[i]["product"] for n, i in enumerate(queries)])
+    in_half1 = np.array([rows[i]["product"] in half1 for i in queries])
+    with tempfile.TemporaryDirectory() as tmp:
+        pv, _ = photos.vectors([str(p) for p in probes(Path(tmp))])
+    ps, _ = top1(pv[~np.isnan(pv).any(axis=1)])
+    out = {"machine": f"{os.cpu_count()} cores, Python {platform.python_version()}",
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "levels": {}}  # fmt: skip
+    for level, threshold in score.items():
+        kept = qs >= threshold
+
+        def share(mask: np.ndarray, kept: np.ndarray = kept) -> float:
+            return round(float((kept & right & mask).sum() / max((right & mask).sum(), 1)), 4)
+
+        out["levels"][level] = {"threshold": round(threshold, 4), "kept_correct_half1": share(in_half1),
+                                "kept_correct_half2": share(~in_half1), "kept_correct_suite1": share(in_half1 | True),
+                                "no_shoe_refused": round(float((ps < threshold).mean()), 4)}  # fmt: skip
+        print(level, out["levels"][level], file=sys.stderr, flush=True)
+    out["correct_top1_suite1"] = round(float(right.mean()), 4)
+    out["no_shoe_probes"] = int(len(ps))
+    out["score_quantiles"] = {"correct shopper top-1": np.percentile(qs[right], [5, 50, 95]).round(3).tolist(),
+                              "no-shoe top-1": np.percentile(ps, [5, 50, 95]).round(3).tolist()}  # fmt: skip
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
