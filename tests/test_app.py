@@ -9,6 +9,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from lookalike import Catalog
+from lookalike.app import AUTO
 
 APP = str(Path(__file__).resolve().parents[1] / "src" / "lookalike" / "app.py")
 
@@ -54,6 +55,7 @@ def test_example_search_shows_ranked_results(monkeypatch, sneaker_catalog):
     assert any("**manual** crop box 0,0–20,20" in c.value for c in at.caption)
 
     # "More like this" on the 3rd result searches with that product's stored vectors: it is left out
+    at.radio(key="box_choice").set_value(AUTO).run()  # (a 20-pixel box matches nothing close)
     third = cards(at)[2][1]
     at.button(key="more_3").click().run()
     assert not at.exception

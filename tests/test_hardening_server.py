@@ -220,7 +220,7 @@ def test_server_sees_another_process_index_without_restart(server, tmp_path, sne
     shutil.copytree(newcomer, extra / newcomer.name)
     query = sorted((extra / newcomer.name).glob("*.jpg"))[0]
     before = httpx.post(url + "/search", files={"image": ("q.jpg", query.read_bytes())}, data={"k": "1"}, timeout=30)
-    assert before.json()["results"][0]["product_id"] != newcomer.name
+    assert newcomer.name not in [m["product_id"] for m in before.json()["results"]]  # (maybe "no close match")
     subprocess.run([sys.executable, "-m", "lookalike.cli", "index", str(extra), "--catalog", str(catalog), "-q"],
                    check=True, capture_output=True, timeout=300)  # fmt: skip
     t0 = time.monotonic()

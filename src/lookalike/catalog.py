@@ -547,6 +547,11 @@ class CatalogDB:
                 yield product_id, self._path(image), np.frombuffer(blob, dtype=np.float32)
             last = rows[-1][0]
 
+    def searchable(self) -> int:
+        """Images a search can return now: the live index's count (no SQLite scan: every search asks)."""
+        with self.lock:
+            return self._index.count() if self._index is not None else self._count_images()
+
     def sample_vectors(self, n: int, seed: int = 0) -> tuple[np.ndarray, list[str]]:
         """Up to n images' vectors as the index holds them (mapped) and their products: a random sample
         by id, so that learning from the catalog never reads all of a large one."""

@@ -35,7 +35,7 @@ class Searcher:
     def threshold(self) -> float | None:
         """This catalog's no-match threshold (`calibration.py`), learned again when the catalog grew or
         shrank by a fifth or its vectors' space changed (a projection, tuning)."""
-        images = self.store.count()[1]
+        images = self.store.searchable()
         key = (int(np.log(max(images, 1)) / np.log(1.2)), self.store.projection_version(), self.store.dim)
         if self._threshold[0] != key:
             vectors, labels = self.store.sample_vectors(5000)

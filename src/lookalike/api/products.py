@@ -50,10 +50,12 @@ def reads(reads: list) -> APIRouter:
         for pair in where or []:  # each one KEY=VALUE (the pattern)
             key, _, value = pair.partition("=")
             filters[key.strip()] = value.strip()
-        _product(svc, product_id)  # 404 for an unknown product
-        result = await anyio.to_thread.run_sync(svc.catalog.similar, product_id, k, filters or None, rank,
-                                                limiter=svc.inference)  # fmt: skip
-        return result.to_dict()
+
+        def similar() -> dict:
+            _product(svc, product_id)  # 404 for an unknown product
+            return svc.catalog.similar(product_id, k, filters or None, rank).to_dict()
+
+        return await anyio.to_thread.run_sync(similar, limiter=svc.inference)
 
     @api.get("/products/{product_id}/image/{n}", responses=IMAGE_RESPONSES)
     def get_product_image(product_id: str, n: int, svc: Service = Depends(service)) -> Any:  # noqa: B008
