@@ -93,7 +93,7 @@ def release(key: tuple[str, str]) -> None:
         if entry[1] <= 0:
             del _CLIENTS[key]
             entry[0].close()
-            if not key[0].startswith(("http://", "https://")):  # Milvus Lite: stop its in-process server
+            if not key[0].startswith(("http://", "https://")):  # Milvus Lite: stop the server it ran for the file
                 from milvus_lite.server_manager import server_manager_instance
 
                 server_manager_instance.release_server(key[0])
@@ -135,7 +135,7 @@ class MilvusIndex:
         saved = self._manifest(tag) if tag is not None else None
         if saved is not None and saved.get("dim") == dim and self._exists(saved["collection"]):
             self.collection, self.restored = saved["collection"], saved["note"]
-            self.client.load_collection(self.collection)
+            self._call(self.client.load_collection, self.collection)
         else:
             if saved is not None:
                 self.damaged = f"Milvus collection {saved['collection']} of {spec} is gone or of another size"
