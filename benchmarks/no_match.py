@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -28,7 +25,8 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from suites import DATASETS  # noqa: E402
+from speed import machine  # noqa: E402
+from suites import DATASETS, emit  # noqa: E402
 
 from lookalike.calibration import no_match_score  # noqa: E402
 from lookalike.pipeline import Photos, PipelineConfig, default_cache  # noqa: E402
@@ -85,7 +83,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         pv, _ = photos.vectors([str(p) for p in probes(Path(tmp))])
     ps, _ = top1(pv[~np.isnan(pv).any(axis=1)])
-    out = {"machine": f"{os.cpu_count()} cores, Python {platform.python_version()}",
+    out = {"machine": machine(),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "levels": {}}  # fmt: skip
     for level, threshold in score.items():
         kept = qs >= threshold
@@ -101,10 +99,7 @@ def main() -> None:
     out["no_shoe_probes"] = int(len(ps))
     out["score_quantiles"] = {"correct shopper top-1": np.percentile(qs[right], [5, 50, 95]).round(3).tolist(),
                               "no-shoe top-1": np.percentile(ps, [5, 50, 95]).round(3).tolist()}  # fmt: skip
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    emit(out, args.json)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sqlite3
 import subprocess
 import sys
@@ -25,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from suites import DATASETS  # noqa: E402
+from speed import machine  # noqa: E402
+from suites import DATASETS, emit  # noqa: E402
 
 from lookalike import Catalog  # noqa: E402
 
@@ -74,8 +73,7 @@ def main() -> None:
     if args.run:
         print(json.dumps(run(args.run, args.source, args.catalog)))
         return
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    out: dict = {"machine": f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}",
+    out: dict = {"machine": machine(),
                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "runs": {}}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="lookalike-ray-") as tmp:
         source = args.source
@@ -98,10 +96,7 @@ def main() -> None:
             if name != "local" and local:
                 row["vs_local"] = round(row["images_per_s"] / local["images_per_s"], 3)
                 row["same_catalog"] = compare(Path(tmp) / "local", Path(tmp) / name)
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    emit(out, args.json)
 
 
 if __name__ == "__main__":

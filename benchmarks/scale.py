@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -31,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed import machine  # noqa: E402
 from suites import DATASETS, OUT, suites  # noqa: E402
 
 from lookalike.catalog import CatalogDB, ImageRecord  # noqa: E402
@@ -44,12 +43,6 @@ CHUNK = 20_000
 # compact: the local default; hnsw: the local store before issue 13 (HNSW over float32); milvus: Milvus
 # Lite in a file beside the catalog, the vectors moved there with `store migrate` (issue 14)
 STORES = {"compact": {}, "hnsw": {"large": "hnsw"}, "milvus": {}, "milvus-ivf": {"index_type": "IVF_FLAT"}}
-
-
-def machine() -> str:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
-    return f"{os.cpu_count()} cores ({cpu}), {ram:.0f} GiB, Python {platform.python_version()}"
 
 
 def real_vectors(n_base: int, n_queries: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -8,6 +8,7 @@ the second half are searched against the second half's catalog shots, products t
 from __future__ import annotations
 
 import csv
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,3 +59,11 @@ def suites() -> dict[str, Suite]:
         "5": Suite("5. sneakers50 unseen products (shopper→catalog, 25 of 50)", sneakers50_halves(), Path("/"),
                    "product", "scene=wild&half=2", "scene=catalog&half=2", "scene=catalog&half=1"),
     }  # fmt: skip
+
+
+def emit(out: dict, path: Path | None) -> None:
+    """A benchmark's figures: printed, and written to `path` (--json) when given."""
+    text = json.dumps(out, indent=2)
+    print(text)
+    if path:
+        path.write_text(text + "\n")

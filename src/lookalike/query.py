@@ -36,7 +36,7 @@ class Searcher:
         """This catalog's no-match threshold (`calibration.py`), learned again when the catalog grew or
         shrank by a fifth or its vectors' space changed (a projection, tuning)."""
         images = self.store.searchable()
-        key = (int(np.log(max(images, 1)) / np.log(1.2)), self.store.projection_version(), self.store.dim)
+        key = (int(np.log(max(images, 1)) / np.log(1.2)), self.projection.version, self.store.dim)
         if self._threshold[0] != key:
             vectors, labels = self.store.sample_vectors(5000)
             self._threshold = key, no_match_score(vectors, labels) if len(vectors) else None
