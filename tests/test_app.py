@@ -73,7 +73,7 @@ def test_filters_from_metadata(monkeypatch, branded_catalog):
     at.button(key="example_0").click().run()
     found = cards(at)
     assert len(found) == 3  # three Nike products in the catalog
-    texts = [m.value for m in at.markdown if "lookalike-card" in m.value]
+    texts = [m.value for m in at.markdown if 'class="lookalike-card"' in m.value]
     assert all("Nike" in t and "https://shop.example/" in t for t in texts)
 
 

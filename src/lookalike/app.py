@@ -1,4 +1,5 @@
-"""The Streamlit web app: search the catalog from a photo, pick the shoe, browse similar products.
+"""The Streamlit web app: search the catalog from a photo, point at the shoe (click a detected box or
+drag one of your own on the photo), browse similar products.
 
 Start with `lookalike app --catalog DIR`, or `streamlit run src/lookalike/app.py -- --catalog DIR`
 (or set LOOKALIKE_CATALOG). It calls the pipeline (`Catalog`) only.
@@ -7,18 +8,31 @@ Start with `lookalike app --catalog DIR`, or `streamlit run src/lookalike/app.py
 from __future__ import annotations
 
 import argparse
+import base64
 import html
+import io
 import os
 import sys
 
 import streamlit as st
 from PIL import Image, ImageDraw, ImageFont
+from streamlit_image_coordinates import streamlit_image_coordinates
 
 from lookalike.errors import LookalikeError
 from lookalike.pipeline import Box, BoxChoice, Catalog, ImageSource, Query, SearchResult
 
 AUTO, WHOLE, OWN = "Automatic (the pair / best box)", "Whole image", "My own box"
 COLUMNS = 4
+CLICK_PX = 6  # a press and release this close (in displayed pixels) is a click, not a drawn box
+SHOWN_PX = 900  # the photo is sent to the browser at most this wide or high (clicks are scaled back)
+CARD_CSS = """<style>
+.lookalike-card {height: 21rem; display: flex; flex-direction: column; gap: .25rem; overflow: hidden;
+  border: 1px solid rgba(128, 128, 128, .3); border-radius: .5rem; padding: .5rem; margin-bottom: .4rem}
+.lookalike-card img {width: 100%; height: 12rem; object-fit: contain; background: #fff; border-radius: .3rem}
+.lookalike-card .name {font-weight: 600; white-space: nowrap; overflow: hidden; text-overflow: ellipsis}
+.lookalike-card .meta {font-size: .85rem; opacity: .8; overflow: hidden; max-height: 3.6rem}
+.lookalike-card .noimage {height: 12rem; display: flex; align-items: center; justify-content: center; opacity: .6}
+</style>"""
 
 
 def catalog_dir() -> str | None:
@@ -99,14 +113,57 @@ def query_inputs(cat: Catalog) -> None:
                     set_query(cat, image, image)
 
 
+def box_options(query: Query) -> list[str]:
+    return [AUTO] + [f"Box {n}: {b.label} {b.score:.2f}" for n, b in enumerate(query.boxes, 1)] + [WHOLE, OWN]
+
+
+def pointed(event: dict, size: tuple[int, int], boxes: list[Box]) -> tuple[str, object] | None:
+    """What a press and release on the shown photo means, in the photo's pixels: ("box", index) for a
+    click inside detected boxes (the smallest holding the point), ("own", (x1, y1, x2, y2)) for a
+    drag, None for a click outside every box. `event` is streamlit-image-coordinates' click-and-drag
+    value (displayed pixels, and the displayed width and height)."""
+    w, h = size
+    sx, sy = w / max(event["width"], 1), h / max(event["height"], 1)
+    x1, x2 = sorted((event["x1"], event["x2"]))
+    y1, y2 = sorted((event["y1"], event["y2"]))
+    if x2 - x1 < CLICK_PX and y2 - y1 < CLICK_PX:
+        x, y = (x1 + x2) / 2 * sx, (y1 + y2) / 2 * sy
+        inside = [((b.x2 - b.x1) * (b.y2 - b.y1), n) for n, b in enumerate(boxes)
+                  if b.x1 <= x <= b.x2 and b.y1 <= y <= b.y2]  # fmt: skip
+        return ("box", min(inside)[1]) if inside else None
+    clamp = lambda v, hi: int(round(min(max(v, 0), hi)))  # noqa: E731  (a drag may end outside the photo)
+    return "own", (clamp(x1 * sx, w - 1), clamp(y1 * sy, h - 1), max(clamp(x2 * sx, w), clamp(x1 * sx, w - 1) + 1),
+                   max(clamp(y2 * sy, h), clamp(y1 * sy, h - 1) + 1))  # fmt: skip
+
+
+def follow_pointer(query: Query, options: list[str]) -> None:
+    """Apply the last click or drag on the photo to the box controls, before they are drawn."""
+    event = st.session_state.get("photo")
+    if not event or "x1" not in event or event.get("unix_time") == st.session_state.get("photo_seen"):
+        return
+    st.session_state["photo_seen"] = event.get("unix_time")
+    what = pointed(event, query.image.size, query.boxes)
+    if what is None:
+        st.session_state["pointer_hint"] = "That point is in no detected box: drag across the shoe to draw a box."
+    elif what[0] == "box":
+        st.session_state["box_choice"] = options[what[1] + 1]
+    else:
+        st.session_state["box_choice"] = OWN
+        for key, value in zip(("own_x1", "own_y1", "own_x2", "own_y2"), what[1], strict=True):
+            st.session_state[key] = value
+
+
 def box_choice(query: Query) -> BoxChoice:
-    options = [AUTO] + [f"Box {n}: {b.label} {b.score:.2f}" for n, b in enumerate(query.boxes, 1)] + [WHOLE, OWN]
+    options = box_options(query)
     if not query.boxes:
-        st.info("No shoe was detected: searching the non-white area, the whole image, or a box you draw.")
+        st.info("No shoe was detected: searching the non-white area, the whole image, or a box you draw "
+                "(drag across the shoe on the photo).")  # fmt: skip
     if st.session_state.pop("reset_box", False):
         st.session_state["box_choice"] = AUTO
-        for key in ("own_x1", "own_y1", "own_x2", "own_y2"):
+        for key in ("own_x1", "own_y1", "own_x2", "own_y2", "every_shoe"):
             st.session_state.pop(key, None)
+        st.session_state["photo_seen"] = (st.session_state.get("photo") or {}).get("unix_time")
+    follow_pointer(query, options)
     choice = st.radio("Search with", options, key="box_choice", horizontal=True)
     if choice == AUTO:
         return BoxChoice()
@@ -114,13 +171,25 @@ def box_choice(query: Query) -> BoxChoice:
         return BoxChoice.whole()
     if choice == OWN:
         w, h = query.image.size
+        for key, value in (("own_x1", 0), ("own_y1", 0), ("own_x2", w), ("own_y2", h)):
+            st.session_state.setdefault(key, value)
         c1, c2, c3, c4 = st.columns(4)
-        x1 = c1.number_input("left", 0, w - 1, 0, key="own_x1")
-        y1 = c2.number_input("top", 0, h - 1, 0, key="own_y1")
-        x2 = c3.number_input("right", 1, w, w, key="own_x2")
-        y2 = c4.number_input("bottom", 1, h, h, key="own_y2")
+        x1 = c1.number_input("left", 0, w - 1, key="own_x1")
+        y1 = c2.number_input("top", 0, h - 1, key="own_y1")
+        x2 = c3.number_input("right", 1, w, key="own_x2")
+        y2 = c4.number_input("bottom", 1, h, key="own_y2")
         return BoxChoice.manual(x1, y1, x2, y2)
     return BoxChoice.detected(options.index(choice) - 1)
+
+
+def show_photo(query: Query, used: Box | None) -> None:
+    """The photo with its boxes; a click on a box or a drag across the shoe chooses what is searched."""
+    shown = draw_boxes(query.image, query.boxes, used)
+    shown.thumbnail((SHOWN_PX, SHOWN_PX))
+    streamlit_image_coordinates(shown.convert("RGB"), key="photo", width="stretch", click_and_drag=True,
+                                image_format="JPEG", jpeg_quality=85, cursor="crosshair")  # fmt: skip
+    hint = st.session_state.pop("pointer_hint", None)
+    st.caption(hint or f"{st.session_state['query_name']} · click a box, or drag across a shoe to draw one")
 
 
 def filters(cat: Catalog) -> dict[str, str] | None:
@@ -134,24 +203,46 @@ def filters(cat: Catalog) -> dict[str, str] | None:
     return where or None
 
 
-def card(rank: int, match) -> str:
+@st.cache_data(max_entries=4096, show_spinner=False)
+def thumbnail(image: str) -> str | None:
+    """A catalog image for a card: its URL as it is, a local file as a small JPEG data URI (so every
+    card is the same size whatever the photo); None when it cannot be read (moved, removed)."""
+    if image.startswith(("http://", "https://")):
+        return image
+    try:
+        with Image.open(image) as img:
+            img.thumbnail((360, 360))
+            out = io.BytesIO()
+            img.convert("RGB").save(out, format="JPEG", quality=85)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode()
+
+
+def card(rank: int, match, row: str = "") -> str:
+    """One result: the matched catalog image at a fixed height, the product's name, brand, price and
+    link from its metadata when it has them, and the score."""
     meta = match.metadata
-    name = meta.get("name") or meta.get("productDisplayName") or match.product_id
+    name = meta.get("name") or meta.get("title") or meta.get("productDisplayName") or match.product_id
     details = " · ".join(
-        html.escape(str(meta[k])) for k in ("brand", "colour", "color", "baseColour", "price") if k in meta
+        html.escape(str(meta[k])) for k in ("brand", "category", "colour", "color", "baseColour", "price") if k in meta
     )
     link = meta.get("url") or meta.get("link")
     link_html = f' · <a href="{html.escape(str(link))}" target="_blank">open</a>' if link else ""
+    src = thumbnail(match.image)
+    picture = (f'<img src="{html.escape(src)}" alt="{html.escape(match.product_id)}">' if src
+               else '<div class="noimage">(image unavailable)</div>')  # fmt: skip
     return (
-        f'<div class="lookalike-card" data-rank="{rank}" data-product="{html.escape(match.product_id)}">'
-        f"<b>{rank}. {html.escape(str(name))}</b><br>"
-        f"{'' if name == match.product_id else f'<code>{html.escape(match.product_id)}</code> · '}"
-        f"score {match.score:.3f}"
-        f"{'<br>' + details if details else ''}{link_html}</div>"
+        f'<div class="lookalike-card" data-rank="{rank}" data-product="{html.escape(match.product_id)}"'
+        f' data-score="{match.score:.4f}" data-row="{html.escape(row)}">{picture}'
+        f'<div class="name" title="{html.escape(str(name))}">{rank}. {html.escape(str(name))}</div>'
+        f'<div class="meta">{"" if name == match.product_id else f"<code>{html.escape(match.product_id)}</code> · "}'
+        f"score {match.score:.3f}{'<br>' + details if details else ''}{link_html}</div></div>"
     )
 
 
-def show_results(cat: Catalog, result: SearchResult) -> None:
+def show_results(cat: Catalog, result: SearchResult, row: str = "", columns: int = COLUMNS) -> None:
+    """The result cards in a grid; `row` keeps the buttons of several shoes' rows apart."""
     q = result.query
     used = f" box {q.box_used.x1:.0f},{q.box_used.y1:.0f}–{q.box_used.x2:.0f},{q.box_used.y2:.0f}" if q.box_used else ""
     if "similar" in st.session_state:
@@ -166,17 +257,25 @@ def show_results(cat: Catalog, result: SearchResult) -> None:
                    "Try another photo, or draw a box around the shoe.")  # fmt: skip
     elif not result.results:
         st.warning("No product matches these filters.")
-    cols = st.columns(COLUMNS)
+    cols = st.columns(columns)
     for rank, match in enumerate(result.results, 1):
-        with cols[(rank - 1) % COLUMNS]:
-            try:
-                st.image(match.image, width="stretch")
-            except Exception:  # a catalog image moved or unreachable: still show the card
-                st.caption("(image unavailable)")
-            st.markdown(card(rank, match), unsafe_allow_html=True)
-            if st.button("More like this", key=f"more_{rank}"):  # the product's stored vectors, no photo
+        with cols[(rank - 1) % columns]:
+            st.markdown(card(rank, match, row), unsafe_allow_html=True)
+            if st.button("More like this", key=f"more_{row}{rank}"):  # the product's stored vectors, no photo
                 st.session_state["similar"] = match.product_id
                 st.rerun()
+
+
+def show_every_shoe(cat: Catalog, query: Query, k: int, where: dict | None) -> None:
+    """One row of results per detected shoe."""
+    for n, box in enumerate(query.boxes):
+        st.markdown(f"**Shoe {n + 1}** · {html.escape(box.label)} {box.score:.2f}")
+        try:
+            result = cat.search(query, k=min(k, 2 * COLUMNS), where=where, box=BoxChoice.detected(n))
+        except LookalikeError as e:
+            st.error(str(e))
+            continue
+        show_results(cat, result, row=f"shoe{n}_", columns=2 * COLUMNS)
 
 
 def show_similar(cat: Catalog, k: int, where: dict | None) -> None:
@@ -204,6 +303,7 @@ def show_similar(cat: Catalog, k: int, where: dict | None) -> None:
 def main() -> None:
     st.set_page_config(page_title="lookalike", page_icon="👟", layout="wide")
     st.title("lookalike · visual shoe search")
+    st.markdown(CARD_CSS, unsafe_allow_html=True)
     directory = catalog_dir()
     if not directory:
         st.error("No catalog given: start with `lookalike app --catalog DIR` (or set LOOKALIKE_CATALOG).")
@@ -233,18 +333,19 @@ def main() -> None:
     left, right = st.columns([1, 3])
     with left:
         box = box_choice(query)
+        every = len(query.boxes) > 1 and st.checkbox(f"Search every shoe ({len(query.boxes)}), a row each",
+                                                     key="every_shoe")  # fmt: skip
         try:
             result = cat.search(query, k=k, where=where, box=box)
         except LookalikeError as e:
             st.error(str(e))
             return
-        st.image(
-            draw_boxes(query.image, query.boxes, result.query.box_used),
-            caption=st.session_state["query_name"],
-            width="stretch",
-        )
+        show_photo(query, None if every else result.query.box_used)
     with right:
-        show_results(cat, result)
+        if every:
+            show_every_shoe(cat, query, k, where)
+        else:
+            show_results(cat, result)
 
 
 if __name__ == "__main__":
