@@ -105,3 +105,18 @@ def test_missing_model_message(monkeypatch, tmp_path, branded_catalog, missing):
     link.symlink_to(branded_catalog)
     at = start(monkeypatch, link)
     assert "lookalike models pull" in at.error[0].value
+
+
+def test_a_click_picks_the_smallest_box_under_it_and_a_drag_draws_one():
+    from lookalike.app import pointed
+    from lookalike.pipeline import Box
+
+    boxes = [Box(0, 0, 100, 100, 0.9, "shoe"), Box(40, 40, 60, 60, 0.5, "shoe"), Box(150, 0, 200, 50, 0.7, "shoe")]
+    shown = {"width": 100, "height": 50}  # a 200x100 photo shown at half size
+    click = lambda x, y: {**shown, "x1": x, "y1": y, "x2": x + 1, "y2": y}  # noqa: E731
+    assert pointed(click(25, 25), (200, 100), boxes) == ("box", 1)  # (50, 50): inside boxes 0 and 1
+    assert pointed(click(5, 5), (200, 100), boxes) == ("box", 0)
+    assert pointed(click(90, 10), (200, 100), boxes) == ("box", 2)
+    assert pointed(click(60, 40), (200, 100), boxes) is None  # (120, 80): in no box
+    # a drag, released outside the photo and towards the top left: a box in the photo's pixels
+    assert pointed({**shown, "x1": 80, "y1": 40, "x2": 130, "y2": -5}, (200, 100), boxes) == ("own", (160, 0, 200, 80))

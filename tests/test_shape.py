@@ -12,7 +12,7 @@ from pathlib import Path
 from packaging.requirements import Requirement
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "lookalike"
-FACES = ("cli", "app", "api", "eval")
+FACES = ("cli", "app", "api", "eval", "report")  # report: the page of `eval --report`
 # what a face may import from lookalike: the pipeline's public API, the errors, and the other faces
 ALLOWED = {"lookalike", "lookalike.pipeline", "lookalike.errors"} | {f"lookalike.{f}" for f in FACES}
 

@@ -245,6 +245,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     labels = Path(args.labels)
     root = Path(args.root) if args.root else labels.parent
+    if args.report:  # refused before hours of embedding, not after
+        report = Path(args.report)
+        if report.is_dir() or not os.access(next(p for p in [report.parent, *report.parents] if p.exists()), os.W_OK):
+            raise LookalikeError(f"--report {report}: not a file that can be written")
     options = dict(_where(args.config) or {})
     cache = Path(args.cache) if args.cache else None
     bars = Bars(args.quiet)
@@ -258,7 +262,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         options = {"whiten": "0", **options, "embedder": str(model)}
     result = evaluate(
         labels, root, args.label, args.query, args.gallery, options, threads=args.threads, cache_path=cache,
-        progress=bars, image_column=args.image_column, store=args.store,
+        progress=bars, image_column=args.image_column, store=args.store, details=bool(args.report),
     )  # fmt: skip
     bars.close()
     for where, reason in result.failed:
@@ -266,6 +270,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(format_table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result.to_dict(), indent=2))
+    if args.report:
+        from lookalike.report import write_report
+
+        print(f"report: {write_report(result, Path(args.report), f'lookalike eval · {labels.name}')}")
     return 0
 
 
@@ -431,6 +439,8 @@ def parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--tune-option", action="append", metavar="KEY=VALUE", help="tuning option, as in `tune`")
     sp.add_argument("--json", metavar="OUT", help="also write the metrics as JSON")
+    sp.add_argument("--report", metavar="OUT.html",
+                    help="also write an HTML page: metrics, Recall@k plot, worst failures, hardest labels")  # fmt: skip
     sp.add_argument("--cache", help="embedding cache file (default ~/.cache/lookalike/eval.db)")
     sp.add_argument("--store", metavar="STORE",
                     help="search through this store as a catalog on it would (e.g. milvus:///tmp/eval.db), "

@@ -141,9 +141,11 @@ class Encoder:
         vectors = hashlib.sha256(f"{self.config.embedding_key()}|{emb_sha}|{det_sha}".encode()).hexdigest()[:20]
         return vectors, det_sha[:20]
 
-    def crop(self, img: Image.Image) -> Crop:
-        """The crop this configuration embeds for an image (what tuning learns from)."""
-        boxes = self.detect(img) if self.uses_boxes else []
+    def crop(self, img: Image.Image, boxes: list[Box] | None = None) -> Crop:
+        """The crop this configuration embeds for an image (what tuning learns from); `boxes`: its
+        detections when already known."""
+        if boxes is None:
+            boxes = self.detect(img) if self.uses_boxes else []
         return choose_crop(img, boxes, self.config.crop)
 
     def encode(self, img: Image.Image, boxes: list[Box] | None = None, box: Box | None = None,

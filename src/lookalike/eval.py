@@ -21,6 +21,8 @@ from lookalike.errors import LookalikeError
 from lookalike.pipeline import Photos, PipelineConfig, StageProgress, default_cache, rank_products, store_similarity
 
 KS = (1, 5, 10)
+SHOWN = 5  # results kept per query for the report
+WORST = 12  # failures whose crop box is looked up (the report's gallery)
 # eval-only options, applied to the ranking (query expansion)
 POST_OPTIONS = {"qe": 0, "qe_alpha": 3.0, "rank": "image"}
 # rank: "image" scores each gallery image (a hit when an image of the label is in the top k); "best",
@@ -101,10 +103,41 @@ def query_expansion(qv: np.ndarray, gv: np.ndarray, sim: np.ndarray, n: int, alp
 
 # -- the evaluation ---------------------------------------------------------------------------
 @dataclass
+class Outcome:
+    """One query as the report shows it: its photo and label, the rank of the first right result
+    (None: no right item in the gallery), the top results as (label, image, score), the right label's
+    best gallery image as (image, score), and the box searched (filled for the worst failures)."""
+
+    image: str
+    label: str
+    rank: int | None
+    results: list[tuple[str, str, float]]
+    right: tuple[str, float] | None
+    box: tuple[float, float, float, float] | None = None
+
+
+@dataclass
 class EvalResult:
     metrics: dict
     config: dict
     failed: list[tuple[str, str]] = field(default_factory=list)
+    outcomes: list[Outcome] = field(default_factory=list)  # with details=True, worst first
+
+    def recall_curve(self, depth: int = 50) -> list[float]:
+        """Recall@k for k = 1..depth, over the queries with a right item in the gallery."""
+        ranks = np.array([o.rank for o in self.outcomes if o.rank is not None])
+        return [float((ranks <= k).mean()) if len(ranks) else 0.0 for k in range(1, depth + 1)]
+
+    def by_label(self) -> list[dict]:
+        """Per label (product): queries, R@1, R@10 and the median rank of the right one; hardest first."""
+        groups: dict[str, list[int]] = {}
+        for o in self.outcomes:
+            if o.rank is not None:
+                groups.setdefault(o.label, []).append(o.rank)
+        out = [{"label": label, "queries": len(r), "recall@1": float(np.mean(np.array(r) <= 1)),
+                "recall@10": float(np.mean(np.array(r) <= 10)), "median_rank": float(np.median(r))}
+               for label, r in groups.items()]  # fmt: skip
+        return sorted(out, key=lambda d: (d["recall@1"], d["recall@10"], -d["median_rank"], d["label"]))
 
     def to_dict(self) -> dict:
         return {**self.metrics, "config": self.config, "failed": [{"image": p, "reason": r} for p, r in self.failed]}
@@ -118,10 +151,10 @@ def split_options(options: dict[str, str]) -> tuple[dict[str, str], dict[str, fl
 def evaluate(labels: Path, root: Path, label: str, query: str | None = None, gallery: str | None = None,
              options: dict[str, str] | None = None, threads: int = 2, cache_path: Path | None = None,
              progress: StageProgress | None = None, image_column: str = "file",
-             store: str | None = None) -> EvalResult:  # fmt: skip
+             store: str | None = None, details: bool = False) -> EvalResult:  # fmt: skip
     """Index the gallery rows, search with the query rows, measure. With neither selection: leave-one-out.
     `store` (e.g. milvus:///tmp/eval.db): search through that store, as a catalog on it serves, rather
-    than scoring every pair exactly."""
+    than scoring every pair exactly. `details`: also each query's outcome (for `--report`)."""
     rows = read_labels(labels, root, label, image_column)
     pipeline_options, post = split_options(options or {})
     config = PipelineConfig().with_options(pipeline_options)
@@ -151,11 +184,52 @@ def evaluate(labels: Path, root: Path, label: str, query: str | None = None, gal
         sim = qv @ gv.T
         sim[qi[:, None] == gi[None, :]] = -np.inf
     q_labels, g_labels = [rows[i][label] for i in qi], [rows[i][label] for i in gi]
+    image_sim, image_labels = sim, g_labels
     if post["rank"] != "image":
         sim, g_labels = rank_products(sim, g_labels, str(post["rank"]))
     metrics = retrieval_metrics(sim, q_labels, g_labels)
     metrics["gallery"] = int(len(gi))
-    return EvalResult(metrics, {**json.loads(config.to_json()), **post}, failed)
+    result = EvalResult(metrics, {**json.loads(config.to_json()), **post}, failed)
+    if details:
+        paths = [rows[i]["__path__"] for i in gi]
+        result.outcomes = outcomes([rows[i]["__path__"] for i in qi], q_labels, sim, g_labels, image_sim,
+                                   image_labels, paths)  # fmt: skip
+        for o in [o for o in result.outcomes if o.rank != 1][:WORST]:
+            try:
+                box = photos.crop_box(o.image)
+            except LookalikeError:
+                continue
+            o.box = None if box is None else (box.x1, box.y1, box.x2, box.y2)
+    return result
+
+
+def outcomes(queries: list[str], q_labels: list[str], sim: np.ndarray, labels: list[str], image_sim: np.ndarray,
+             image_labels: list[str], images: list[str]) -> list[Outcome]:  # fmt: skip
+    """Each query's outcome, worst first: the right one ranked lowest first, and at equal ranks the more
+    confident wrong answer; queries with no right item in the gallery last. `sim`/`labels` are what is
+    ranked (images, or products), `image_sim`/`image_labels` the images, for a product's best image."""
+    per_image = sim is image_sim
+    labels_a, image_labels_a = np.asarray(labels, dtype=object), np.asarray(image_labels, dtype=object)
+    best_image = {}  # label -> its gallery images' indices
+    for n, lab in enumerate(image_labels):
+        best_image.setdefault(lab, []).append(n)
+    out = []
+    for i, (path, lab) in enumerate(zip(queries, q_labels, strict=True)):
+        row, image_row = sim[i], image_sim[i]
+        right = (labels_a == lab) & np.isfinite(row)
+        rank = int((row > row[right].max()).sum()) + 1 if right.any() else None
+        top = np.argsort(-row, kind="stable")[:SHOWN]
+        shown = []
+        for j in top:
+            if not np.isfinite(row[j]):
+                break
+            imgs = [j] if per_image else best_image[labels[j]]
+            shown.append((labels[j], images[imgs[int(np.argmax(image_row[imgs]))]], float(row[j])))
+        mine = np.nonzero((image_labels_a == lab) & np.isfinite(image_row))[0]
+        best = (images[mine[np.argmax(image_row[mine])]], float(image_row[mine].max())) if len(mine) else None
+        out.append(Outcome(path, lab, rank, shown, best))
+    worst = lambda o: (o.rank is None, -(o.rank or 0), -(o.results[0][2] if o.results else 0.0))  # noqa: E731
+    return sorted(out, key=worst)
 
 
 def tune_on_rows(labels: Path, root: Path, label: str, rows_selection: str | None, tune_options: dict[str, str],

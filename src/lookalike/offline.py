@@ -144,6 +144,19 @@ class Photos:
                     kept.append(i)
         return crops, kept, failed
 
+    def crop_box(self, path: str) -> Box | None:
+        """The box this configuration crops from a photo (None: the whole image), to show what was
+        searched; detections come from the cache when they are there."""
+        photo = self.encoder.photo(path)
+        boxes = None
+        if self.encoder.uses_boxes:
+            cache = VectorCache(self.cache_path)
+            try:
+                boxes = cache.boxes(photo.sha256, self.encoder.fingerprints()[1])
+            finally:
+                cache.close()
+        return self.encoder.crop(self.encoder.image(photo), boxes).box
+
     def learn_projection(self, gallery: np.ndarray):
         """The whitening a catalog holding these vectors would learn (None when off or too few)."""
         return learn_whitening(self.config, gallery)
