@@ -26,7 +26,7 @@ COLUMNS = 4
 CLICK_PX = 6  # a press and release this close (in displayed pixels) is a click, not a drawn box
 SHOWN_PX = 900  # the photo is sent to the browser at most this wide or high (clicks are scaled back)
 CARD_CSS = """<style>
-.lookalike-card {height: 21rem; display: flex; flex-direction: column; gap: .25rem; overflow: hidden;
+.lookalike-card {height: 18.5rem; display: flex; flex-direction: column; gap: .25rem; overflow: hidden;
   border: 1px solid rgba(128, 128, 128, .3); border-radius: .5rem; padding: .5rem; margin-bottom: .4rem}
 .lookalike-card img {width: 100%; height: 12rem; object-fit: contain; background: #fff; border-radius: .3rem}
 .lookalike-card .name {font-weight: 600; white-space: nowrap; overflow: hidden; text-overflow: ellipsis}
