@@ -203,12 +203,20 @@ def filters(cat: Catalog) -> dict[str, str] | None:
     return where or None
 
 
-@st.cache_data(max_entries=4096, show_spinner=False)
 def thumbnail(image: str) -> str | None:
     """A catalog image for a card: its URL as it is, a local file as a small JPEG data URI (so every
     card is the same size whatever the photo); None when it cannot be read (moved, removed)."""
     if image.startswith(("http://", "https://")):
         return image
+    try:
+        changed = os.stat(image).st_mtime_ns  # a file replaced at the same path is shown anew
+    except OSError:
+        return None
+    return _thumbnail(image, changed)
+
+
+@st.cache_data(max_entries=4096, show_spinner=False)
+def _thumbnail(image: str, changed: int) -> str | None:
     try:
         with Image.open(image) as img:
             img.thumbnail((360, 360))
@@ -336,13 +344,13 @@ def main() -> None:
         every = len(query.boxes) > 1 and st.checkbox(f"Search every shoe ({len(query.boxes)}), a row each",
                                                      key="every_shoe")  # fmt: skip
         try:
-            result = cat.search(query, k=k, where=where, box=box)
+            result = None if every else cat.search(query, k=k, where=where, box=box)
         except LookalikeError as e:
             st.error(str(e))
             return
-        show_photo(query, None if every else result.query.box_used)
+        show_photo(query, None if result is None else result.query.box_used)
     with right:
-        if every:
+        if result is None:
             show_every_shoe(cat, query, k, where)
         else:
             show_results(cat, result)

@@ -194,7 +194,7 @@ def evaluate(labels: Path, root: Path, label: str, query: str | None = None, gal
         paths = [rows[i]["__path__"] for i in gi]
         result.outcomes = outcomes([rows[i]["__path__"] for i in qi], q_labels, sim, g_labels, image_sim,
                                    image_labels, paths)  # fmt: skip
-        for o in [o for o in result.outcomes if o.rank != 1][:WORST]:
+        for o in [o for o in result.outcomes if o.rank not in (None, 1)][:WORST]:
             try:
                 box = photos.crop_box(o.image)
             except LookalikeError:

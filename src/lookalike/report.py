@@ -15,10 +15,9 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageOps
 
 from lookalike.errors import LookalikeError
-from lookalike.eval import KS, EvalResult
+from lookalike.eval import KS, WORST, EvalResult
 
 THUMB = 180  # pixels, the longer side of each picture
-FAILURES = 12
 CSS = """
 body {font-family: system-ui, sans-serif; margin: 2rem; color: #111}
 table {border-collapse: collapse; margin: .5rem 0 1.5rem} td, th {border: 1px solid #ccc; padding: .25rem .6rem}
@@ -102,7 +101,7 @@ def write_report(result: EvalResult, path: Path, title: str = "lookalike eval") 
     metrics = "".join(f"<th>{html.escape(k)}</th>" for k in ("queries", "gallery", *scores))
     values = "".join(f'<td class="num">{m[k]}</td>' for k in ("queries", "gallery"))
     values += "".join(f'<td class="num">{m[k]:.3f}</td>' for k in scores)
-    failures = [o for o in result.outcomes if o.rank is not None and o.rank > 1][:FAILURES]
+    failures = [o for o in result.outcomes if o.rank is not None and o.rank > 1][:WORST]
     labels = "".join(
         f'<tr><td>{html.escape(d["label"])}</td><td class="num">{d["queries"]}</td>'
         f'<td class="num">{d["recall@1"]:.2f}</td><td class="num">{d["recall@10"]:.2f}</td>'
