@@ -130,7 +130,7 @@ class Hit:
 
 
 UPLOADS = "uploads"
-CATCH_UP_STEP = 128  # images the index takes in per step under the search lock
+CATCH_UP_STEP = 32  # images the index takes in per step under the search lock (128 took ~9 ms at 100k)
 
 
 class CatalogDB:
