@@ -139,7 +139,9 @@ class CompactIndex:
             return
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         ids = np.asarray(ids, dtype=np.int64)
-        faiss.omp_set_num_threads(os.cpu_count() or 1)  # training and encoding use every core
+        # a build's training and encoding use every core; a catch-up step's few images one (more
+        # threads would take the core the searches between the steps run on)
+        faiss.omp_set_num_threads((os.cpu_count() or 1) if self.index is None or len(ids) >= 1024 else 1)
         try:
             if self.index is None:
                 self._build(vectors)
