@@ -263,3 +263,39 @@ def test_searches_go_on_while_a_write_transaction_is_open(tmp_path):
     assert store.search(-data[3], 1)[0].image == "/img/10003.jpg"  # the committed one is, at once
     assert store._ensure_index().count() == store.count()[1] == 6300
     store.close()
+
+
+def test_a_writers_catch_up_lets_searches_in(tmp_path):
+    """The index takes a commit in steps under the search lock, and a lock is not fair: a writer that
+    took it again at once after each step kept searches waiting for its whole catch-up. Here each
+    step of the (real) index is slowed down: searches started during a long catch-up must finish
+    long before it does, and once add() returns every image is searchable."""
+    data, _ = clustered(6000)
+    store = CatalogDB(tmp_path, large_from=5000)
+    store.add(records(data))
+    assert store.search(data[0], 1)[0].image == "/img/0.jpg"
+    index = store._ensure_index()
+    stepping, real_add, steps = threading.Event(), index.add, [0]
+
+    def slow_add(ids, vectors):
+        stepping.set()
+        time.sleep(0.01)
+        real_add(ids, vectors)
+        steps[0] += 1
+
+    index.add = slow_add
+    writer = threading.Thread(target=store.add, args=(records(-data[:2000], start=10_000),))  # > a step
+    writer.start()
+    assert stepping.wait(30)  # committed; the catch-up has begun
+    answers, spans = [], []
+    for n in range(5):
+        before = steps[0]
+        answers.append(store.search(data[n], 1))
+        spans.append(steps[0] - before)  # steps the writer took while this search waited and ran
+    catching_up = writer.is_alive()
+    writer.join(60)
+    assert catching_up and max(spans) <= 3, f"searches waited for many catch-up steps: {spans}"  # was 23-40
+    assert [a[0].image for a in answers] == [f"/img/{n}.jpg" for n in range(5)]
+    assert store.search(-data[3], 1)[0].image == "/img/10003.jpg"
+    assert store._ensure_index().count() == store.count()[1] == 8000
+    store.close()
