@@ -8,9 +8,7 @@ Start with `lookalike app --catalog DIR`, or `streamlit run src/lookalike/app.py
 from __future__ import annotations
 
 import argparse
-import base64
 import html
-import io
 import os
 import sys
 
@@ -19,7 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 from streamlit_image_coordinates import streamlit_image_coordinates
 
 from lookalike.errors import LookalikeError
-from lookalike.pipeline import Box, BoxChoice, Catalog, ImageSource, Query, SearchResult
+from lookalike.pipeline import Box, BoxChoice, Catalog, ImageSource, Query, SearchResult, thumbnail_uri
 
 AUTO, WHOLE, OWN = "Automatic (the pair / best box)", "Whole image", "My own box"
 COLUMNS = 4
@@ -217,14 +215,7 @@ def thumbnail(image: str) -> str | None:
 
 @st.cache_data(max_entries=4096, show_spinner=False)
 def _thumbnail(image: str, changed: int) -> str | None:
-    try:
-        with Image.open(image) as img:
-            img.thumbnail((360, 360))
-            out = io.BytesIO()
-            img.convert("RGB").save(out, format="JPEG", quality=85)
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return None
-    return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode()
+    return thumbnail_uri(image, 360)
 
 
 def card(rank: int, match, row: str = "") -> str:

@@ -9,6 +9,7 @@ size and time limits.
 
 from __future__ import annotations
 
+import base64
 import errno
 import hashlib
 import io
@@ -25,9 +26,9 @@ from urllib.parse import urljoin, urlsplit
 
 import numpy as np
 import urllib3
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
-from lookalike.errors import BadImageError
+from lookalike.errors import BadImageError, LookalikeError
 
 
 @dataclass(frozen=True)
@@ -214,6 +215,22 @@ def read_photo(source: ImageInput, limits: Limits = DEFAULT_LIMITS) -> Photo:
 
 def load_image(source: ImageInput, limits: Limits = DEFAULT_LIMITS) -> Image.Image:
     return read_photo(source, limits).image(limits)
+
+
+def thumbnail_uri(source: ImageInput, size: int, box: tuple[float, float, float, float] | None = None) -> str | None:
+    """A photo as a small JPEG data URI (at most `size` pixels a side; `box` drawn in green), read
+    and decoded as everything else is (limits, upright, RGB), for pages that must carry their
+    pictures: the app's result cards, the eval report. None when it cannot be read."""
+    try:
+        img = decode(read_bytes(source), describe(source))
+    except LookalikeError:  # unreadable, moved, over a limit
+        return None
+    if box is not None:
+        ImageDraw.Draw(img).rectangle(box, outline="#16a34a", width=max(2, round(max(img.size) / 90)))
+    img.thumbnail((size, size))
+    out = io.BytesIO()
+    img.save(out, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode()
 
 
 NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))

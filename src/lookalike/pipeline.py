@@ -22,7 +22,7 @@ from lookalike.config import PipelineConfig
 from lookalike.detect import Box
 from lookalike.encoder import Encoder, Progress, Query, StageProgress
 from lookalike.errors import LookalikeError, VectorsChangedError
-from lookalike.images import DEFAULT_LIMITS, ImageInput, ImageSource, Limits
+from lookalike.images import DEFAULT_LIMITS, ImageInput, ImageSource, Limits, thumbnail_uri
 from lookalike.index import store_backend
 from lookalike.offline import Photos, default_cache, rank_products
 from lookalike.projection import Projection
@@ -37,7 +37,7 @@ __all__ = [
     "DEFAULT_RANK", "DUPLICATE_SCORE", "PULL_HINT", "RANKS", "Box", "BoxChoice", "Catalog", "Columns",
     "ImageSource", "IndexReport", "Item", "Limits", "Match", "Photos", "PipelineConfig", "Progress", "Query",
     "QueryInfo", "SearchResult", "StageProgress", "check_models", "default_cache", "pull_models", "rank_products",
-    "store_similarity",
+    "store_similarity", "thumbnail_uri",
 ]  # fmt: skip
 
 

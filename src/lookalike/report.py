@@ -7,15 +7,13 @@ attached to an issue; the photos stay where they are otherwise."""
 
 from __future__ import annotations
 
-import base64
 import html
 import io
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageOps
-
 from lookalike.errors import LookalikeError
 from lookalike.eval import KS, WORST, EvalResult
+from lookalike.pipeline import thumbnail_uri
 
 THUMB = 180  # pixels, the longer side of each picture
 CSS = """
@@ -30,19 +28,9 @@ figure {margin: 0; width: 180px; font-size: .8rem} figure img {width: 180px; hei
 
 
 def _picture(path: str, box: tuple[float, float, float, float] | None = None) -> str:
-    """A photo as a small JPEG data URI (with the searched box drawn), or a grey square if unreadable."""
-    try:
-        with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img).convert("RGB")
-            if box is not None:
-                draw = ImageDraw.Draw(img)
-                draw.rectangle(box, outline="#16a34a", width=max(2, round(max(img.size) / 90)))
-            img.thumbnail((THUMB * 2, THUMB * 2))
-            out = io.BytesIO()
-            img.save(out, format="JPEG", quality=80)
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return '<div class="missing"></div>'
-    return f'<img src="data:image/jpeg;base64,{base64.b64encode(out.getvalue()).decode()}" alt="">'
+    """A photo (with the searched box drawn) as an embedded JPEG, or a grey square if unreadable."""
+    src = thumbnail_uri(path, THUMB * 2, box)
+    return f'<img src="{src}" alt="">' if src else '<div class="missing"></div>'
 
 
 def recall_plot(curve: list[float]) -> str:
