@@ -8,12 +8,15 @@ lookalike and its model files installed.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
 import pickle
+import sys
 import warnings
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -47,11 +50,13 @@ class RayRunner:
             cpus = self.workers or os.cpu_count() or 1
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a Ray of our own, on loopback only
             try:
-                ray.init(address=self.address, num_cpus=cpus if local else None, include_dashboard=False,
-                         log_to_driver=False, logging_level=logging.ERROR, configure_logging=True,
-                         runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}})  # fmt: skip
+                with _stdout_away():  # the processes Ray starts inherit it
+                    ray.init(address=self.address, num_cpus=cpus if local else None, include_dashboard=False,
+                             log_to_driver=False, logging_level=logging.ERROR, configure_logging=True,
+                             runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}})  # fmt: skip
             except Exception as e:  # Ray's own errors (no cluster at the address, ...): one line
                 raise LookalikeError(f"ray {self.address}: cannot start or join Ray ({e})") from None
+            atexit.register(_quiet_shutdown)  # runs before Ray's own (atexit is last in, first out)
         import ray.data
 
         logging.getLogger("ray.data").setLevel(logging.ERROR)  # its per-run notices; our bar says it all
@@ -93,6 +98,31 @@ class RayRunner:
                 done += len(part)
                 if progress:
                     progress(done, len(items))
+
+
+@contextmanager
+def _stdout_away() -> Iterator[None]:
+    """Standard output is the command's data (`index --json`); Ray's processes and its shutdown once
+    wrote a notice there after the report (once, in a fresh-clone test run; not reproduced): send them to
+    /dev/null. Ray's errors are exceptions, its logs stay in its session folder."""
+    sys.stdout.flush()
+    saved, devnull = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _quiet_shutdown() -> None:
+    import ray
+
+    if ray.is_initialized():
+        with _stdout_away():
+            ray.shutdown()
 
 
 def actor_class(config_json: str, limits: Limits, source: str, embed: bool) -> type:
