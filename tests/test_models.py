@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -124,3 +125,76 @@ def test_the_embedder_is_built_without_torch_and_matches_torchs_export(tmp_path)
     assert got.shape == expected.shape == (2, 1280, 9, 9)
     assert np.abs(got - expected).max() < 1e-3  # float rounding of the folded batch norms; features reach 6
     assert models.check(models.EMBEDDER, tmp_path).ok
+
+
+def test_a_fingerprint_is_what_the_model_computes_not_its_bytes(tmp_path):
+    """Reordered weights, other node names, another producer: the same model. Another weight value, an
+    attribute, a preprocessing setting: another model."""
+    import onnx
+    from onnx import helper
+
+    base = onnx.load(str(conv_embedder(tmp_path / "a.onnx", pooled=True, seed=3)))
+
+    def variant(name: str, change) -> str:
+        model = onnx.ModelProto()
+        model.CopyFrom(base)
+        change(model)
+        onnx.save(model, str(tmp_path / name))
+        return models.fingerprint(tmp_path / name)
+
+    def relabel(m):
+        m.producer_name, m.producer_version, m.graph.name, m.doc_string = "other", "9", "renamed", "notes"
+        for i, node in enumerate(m.graph.node):
+            node.name = f"n{i}"
+        m.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros(2, np.float32), "a_unused"))
+        m.graph.initializer.reverse()  # what tflite2onnx does from one hash seed to another
+        m.metadata_props.add(key="source", value="elsewhere")
+
+    def unused_only(m):
+        m.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros(2, np.float32), "a_unused"))
+
+    def other_weight(m):
+        w = onnx.numpy_helper.to_array(m.graph.initializer[0]).copy()
+        w.flat[0] += 1e-3
+        m.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(w, m.graph.initializer[0].name))
+
+    same = variant("same.onnx", lambda m: None)
+    assert variant("relabelled.onnx", relabel) == variant("unused.onnx", unused_only)
+    assert (tmp_path / "same.onnx").read_bytes() != (tmp_path / "relabelled.onnx").read_bytes()
+    assert same == models.fingerprint(tmp_path / "a.onnx")
+    others = {
+        variant("weight.onnx", other_weight),
+        variant("stride.onnx", lambda m: m.graph.node[0].attribute.append(helper.make_attribute("strides", [2, 2]))),
+        variant("size.onnx", lambda m: m.metadata_props[0].__setattr__("value", "64")),
+    }
+    assert len(others) == 3 and same not in others
+
+
+def test_two_conversions_of_the_same_weights_have_one_fingerprint(tmp_path):
+    """tflite2onnx writes the detector's initializers in an order that follows Python's hash seed, so
+    two pulls (two machines) give files with other bytes: their fingerprints are the same."""
+    import subprocess
+    import sys
+
+    tgz = None
+    for seed in ("1", "2"):
+        out = tmp_path / seed
+        script = (
+            "from pathlib import Path; from lookalike import models\n"
+            f"models.pull(Path({str(out)!r}), names=[models.DETECTOR], objectron_tgz={tgz!r})\n"
+        )
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert models.check(models.DETECTOR, out).ok
+    a, b = tmp_path / "1" / models.DETECTOR, tmp_path / "2" / models.DETECTOR
+    assert models.fingerprint(a) == models.fingerprint(b)
+    assert models.fingerprint(a) != models.fingerprint(models.resolve(models.EMBEDDER))
+
+
+def test_the_built_embedder_names_every_node():
+    import onnx
+
+    model = onnx.load(str(models.resolve(models.EMBEDDER)))
+    names = [node.name for node in model.graph.node]
+    assert all(names) and len(set(names)) == len(names)

