@@ -8,8 +8,9 @@ quantile of the scores between random pairs of *different* catalog products (wha
 unrelated products of this shop" means for this catalog and model); a query whose best product
 scores below it gets "no close match". The quantile level is chosen on products 1-25 (sneakers50
 half 1: its shopper photos against the whole catalog) and reported on products 26-50 and on suite 1
-(all shopper photos). No-shoe photos: generated plain, gradient and noise images, and crops of the
-upper fifth of `clothing_small_shoes` phone photos (floor, carpet, wall: no shoe in most of them).
+(all shopper photos), and again for catalogs of 5, 10, 20 and 50 products (`small_catalogs`).
+No-shoe photos: generated plain, gradient and noise images, and crops of the upper fifth of
+`clothing_small_shoes` phone photos (floor, carpet, wall: no shoe in most of them).
 """
 
 from __future__ import annotations
@@ -57,6 +58,43 @@ def probes(folder: Path) -> list[Path]:
     return paths
 
 
+SIZES = (5, 10, 20, 50)
+DRAWS = 30  # random subsets of products per size (one at 50: all of them)
+
+
+def small_catalogs(vectors: np.ndarray, rows: list[dict], ok: np.ndarray, no_shoe: np.ndarray,
+                   products: list[str]) -> dict:  # fmt: skip
+    """Catalogs of 5, 10, 20 and 50 products (random subsets: of products 1-25, where the small-catalog
+    rule was chosen, of 26-50, and of all 50): the share of right top-1 answers to their shopper photos
+    that the threshold keeps, and the share of no-shoe photos it refuses, with the level lowered for
+    small catalogs (`calibration.level_for`, the default) and with the median at every size."""
+    product = np.array([r["product"] for r in rows])
+    scene = np.array([r["scene"] for r in rows])
+    out = {}
+    for pool_name, pool in (("products 1-25", products[:25]), ("products 26-50", products[25:]), ("all", products)):
+        for size in SIZES:
+            if size > len(pool):
+                continue
+            rng = np.random.default_rng(11)
+            tally = {rule: np.zeros(4) for rule in ("by size", "median")}
+            for _ in range(DRAWS if size < len(pool) else 1):
+                chosen = list(rng.choice(pool, size, replace=False)) if size < len(pool) else list(pool)
+                g = np.where(ok & (scene == "catalog") & np.isin(product, chosen))[0]
+                q = np.where(ok & (scene == "wild") & np.isin(product, chosen))[0]
+                sim = vectors[q] @ vectors[g].T
+                best, right = sim.max(axis=1), product[g][sim.argmax(axis=1)] == product[q]
+                refused_by = (no_shoe @ vectors[g].T).max(axis=1)
+                for rule, by_size in (("by size", True), ("median", False)):
+                    t = no_match_score(vectors[g], list(product[g]), by_size=by_size)
+                    tally[rule] += [(right & (best >= t)).sum(), right.sum(), (refused_by < t).sum(), len(refused_by)]
+            out[f"{pool_name}, {size} products"] = {
+                rule: {"kept_correct": round(float(a / b), 4), "no_shoe_refused": round(float(c / d), 4)}
+                for rule, (a, b, c, d) in tally.items()
+            }
+            print(pool_name, size, out[f"{pool_name}, {size} products"], file=sys.stderr, flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", type=Path)
@@ -70,7 +108,7 @@ def main() -> None:
     gallery = [i for i, r in enumerate(rows) if ok[i] and r["scene"] == "catalog"]
     queries = [i for i, r in enumerate(rows) if ok[i] and r["scene"] == "wild"]
     gv, glabels = vectors[gallery], [rows[i]["product"] for i in gallery]
-    score = {level: no_match_score(gv, glabels, level) for level in LEVELS}  # learned on the catalog only
+    score = {level: no_match_score(gv, glabels, level) for level in LEVELS}  # learned on the catalog only (50 products)
 
     def top1(qv: np.ndarray) -> tuple[np.ndarray, list[str]]:
         sim = qv @ gv.T
@@ -95,6 +133,7 @@ def main() -> None:
                                 "kept_correct_half2": share(~in_half1), "kept_correct_suite1": share(in_half1 | True),
                                 "no_shoe_refused": round(float((ps < threshold).mean()), 4)}  # fmt: skip
         print(level, out["levels"][level], file=sys.stderr, flush=True)
+    out["sizes"] = small_catalogs(vectors, rows, ok, pv[~np.isnan(pv).any(axis=1)], products)
     out["correct_top1_suite1"] = round(float(right.mean()), 4)
     out["no_shoe_probes"] = int(len(ps))
     out["score_quantiles"] = {"correct shopper top-1": np.percentile(qs[right], [5, 50, 95]).round(3).tolist(),

@@ -66,4 +66,5 @@ def emit(out: dict, path: Path | None) -> None:
     text = json.dumps(out, indent=2)
     print(text)
     if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text + "\n")

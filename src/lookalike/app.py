@@ -23,6 +23,7 @@ AUTO, WHOLE, OWN = "Automatic (the pair / best box)", "Whole image", "My own box
 COLUMNS = 4
 CLICK_PX = 6  # a press and release this close (in displayed pixels) is a click, not a drawn box
 SHOWN_PX = 900  # the photo is sent to the browser at most this wide or high (clicks are scaled back)
+ANYWAY = -1.0  # "closest products anyway": every result, whatever its score
 CARD_CSS = """<style>
 .lookalike-card {height: 18.5rem; display: flex; flex-direction: column; gap: .25rem; overflow: hidden;
   border: 1px solid rgba(128, 128, 128, .3); border-radius: .5rem; padding: .5rem; margin-bottom: .4rem}
@@ -251,9 +252,12 @@ def show_results(cat: Catalog, result: SearchResult, row: str = "", columns: int
             f"Search took {q.took_ms:.0f} ms · {len(q.boxes)} shoe box(es) detected · searched with the "
             f"**{q.crop}** crop{used}"
         )
-    if result.no_match:
+    if result.no_match and result.results:
+        st.warning("No close match: these are the closest products anyway (each scores under this catalog's "
+                   f"threshold for unrelated photos, {result.threshold:.3f}).")  # fmt: skip
+    elif result.no_match:
         st.warning("No close match: nothing in this catalog looks like this photo (is there a shoe in it?). "
-                   "Try another photo, or draw a box around the shoe.")  # fmt: skip
+                   "Try another photo, draw a box around the shoe, or tick 'Closest products anyway'.")  # fmt: skip
     elif not result.results:
         st.warning("No product matches these filters.")
     cols = st.columns(columns)
@@ -265,12 +269,13 @@ def show_results(cat: Catalog, result: SearchResult, row: str = "", columns: int
                 st.rerun()
 
 
-def show_every_shoe(cat: Catalog, query: Query, k: int, where: dict | None) -> None:
+def show_every_shoe(cat: Catalog, query: Query, k: int, where: dict | None, min_score: float | None) -> None:
     """One row of results per detected shoe."""
     for n, box in enumerate(query.boxes):
         st.markdown(f"**Shoe {n + 1}** · {html.escape(box.label)} {box.score:.2f}")
         try:
-            result = cat.search(query, k=min(k, 2 * COLUMNS), where=where, box=BoxChoice.detected(n))
+            result = cat.search(query, k=min(k, 2 * COLUMNS), where=where, box=BoxChoice.detected(n),
+                                min_score=min_score)  # fmt: skip
         except LookalikeError as e:
             st.error(str(e))
             continue
@@ -318,6 +323,10 @@ def main() -> None:
         st.warning(f"The catalog is empty: add images with `lookalike index SOURCE --catalog {directory}`.")
         return
     k = st.sidebar.slider("Results (k)", 1, 48, 12, key="k")
+    anyway = st.sidebar.checkbox("Closest products anyway", key="anyway",
+                                 help="show results even when nothing scores above the catalog's no-close-match "
+                                      "threshold (it is still said)")  # fmt: skip
+    min_score = ANYWAY if anyway else None
     where = filters(cat)
     query_inputs(cat)
     if "load_error" in st.session_state:
@@ -335,14 +344,14 @@ def main() -> None:
         every = len(query.boxes) > 1 and st.checkbox(f"Search every shoe ({len(query.boxes)}), a row each",
                                                      key="every_shoe")  # fmt: skip
         try:
-            result = None if every else cat.search(query, k=k, where=where, box=box)
+            result = None if every else cat.search(query, k=k, where=where, box=box, min_score=min_score)
         except LookalikeError as e:
             st.error(str(e))
             return
         show_photo(query, None if result is None else result.query.box_used)
     with right:
         if result is None:
-            show_every_shoe(cat, query, k, where)
+            show_every_shoe(cat, query, k, where, min_score)
         else:
             show_results(cat, result)
 

@@ -101,13 +101,14 @@ def cmd_index(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     if (args.image is None) == (args.product is None):
         raise LookalikeError("search: give a photo (IMAGE) or --product ID, one of the two")
+    if args.product is not None and args.min_score is not None:
+        raise LookalikeError("search: --min-score applies to a photo search (more like a product has no threshold)")
     with Catalog.open(args.catalog, threads=args.threads) as cat:
         if args.product is not None:
             result = cat.similar(args.product, k=args.k, where=_where(args.where), rank=args.rank)
         else:
-            result = cat.search(
-                args.image, k=args.k, where=_where(args.where), box=BoxChoice.parse(args.box), rank=args.rank
-            )
+            result = cat.search(args.image, k=args.k, where=_where(args.where), box=BoxChoice.parse(args.box),
+                                rank=args.rank, min_score=args.min_score)  # fmt: skip
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
@@ -117,7 +118,11 @@ def cmd_search(args: argparse.Namespace) -> int:
     if result.no_match:
         print(f"no close match: nothing in this catalog scores {result.threshold:.3f} or more "
               f"(its threshold for unrelated photos) ({q.took_ms:.0f} ms)")  # fmt: skip
-        return 0
+        if not result.results:
+            if args.min_score is None:
+                print("(--min-score 0 shows the closest products anyway)")
+            return 0
+        print(f"the closest anyway (score >= {args.min_score}):")
     if args.product is not None:
         print(f"more like {args.product} (its stored vectors, {q.took_ms:.0f} ms)")
     else:
@@ -348,6 +353,9 @@ def parser() -> argparse.ArgumentParser:
         help="a product's score: its best image, or the mean of its best 2 or 3",
     )
     sp.add_argument("--box", help="detected box number (0 = first) to search with, whole, or x1,y1,x2,y2 in pixels")
+    sp.add_argument("--min-score", type=float, metavar="S",
+                    help="show the products scoring at least S (-1 to 1) even under the catalog's no-close-match "
+                         "threshold (still reported); e.g. 0 for the closest products anyway")  # fmt: skip
     sp.add_argument("--threads", type=int, default=2)
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_search)

@@ -316,16 +316,20 @@ class Catalog:
         return self.searcher.detect(image)
 
     def search(self, image: ImageInput | Image.Image | Query, k: int = 10, where: dict[str, str] | None = None,
-               box: BoxChoice | None = None, rank: str = DEFAULT_RANK) -> SearchResult:  # fmt: skip
+               box: BoxChoice | None = None, rank: str = DEFAULT_RANK,
+               min_score: float | None = None) -> SearchResult:  # fmt: skip
         """Top-k products for a photo. `box`: which part is searched (`BoxChoice`: automatic by default,
         a detected box, the whole image, or a box of one's own in pixels). `rank`: how a product's
-        images' scores make its score (`ranking.RANKS`)."""
+        images' scores make its score (`ranking.RANKS`). A photo whose best product scores under the
+        catalog's no-match threshold gets `no_match` and no results, unless `min_score` is given: then
+        the products scoring at least `min_score` are returned all the same (the closest anyway)."""
+        min_score = check_min_score(min_score)
         self._follow()
         try:
-            return self.searcher.search(image, k, where, box, rank)
+            return self.searcher.search(image, k, where, box, rank, min_score)
         except VectorsChangedError:  # the vectors were swapped (tuning) mid-search: once more, new model
             self._follow()
-            return self.searcher.search(image, k, where, box, rank)
+            return self.searcher.search(image, k, where, box, rank, min_score)
 
     def similar(self, product_id: str, k: int = 10, where: dict[str, str] | None = None,
                 rank: str = DEFAULT_RANK) -> SearchResult:  # fmt: skip
@@ -435,3 +439,16 @@ def _sha256_or_none(path: Path) -> str | None:
         return models.sha256_file(path)
     except OSError:
         return None
+
+
+def check_min_score(value: float | None) -> float | None:
+    """A score floor is a number from -1 to 1 (scores are cosines), or None for the catalog's threshold."""
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise LookalikeError(f"min_score {value!r}: expected a number from -1 to 1") from None
+    if not -1.0 <= number <= 1.0:
+        raise LookalikeError(f"min_score {value!r}: expected a number from -1 to 1 (scores are cosines)")
+    return number

@@ -60,7 +60,9 @@ class Searcher:
         return self.encoder().encode(self.load(image)).vector
 
     def search(self, image: ImageInput | Image.Image | Query, k: int, where: dict[str, str] | None,
-               box: BoxChoice | None, rank: str) -> SearchResult:  # fmt: skip
+               box: BoxChoice | None, rank: str, min_score: float | None = None) -> SearchResult:  # fmt: skip
+        """`min_score`: keep the products scoring at least this, whatever the no-match threshold says
+        (`no_match` is still reported); None: the threshold decides (all results, or none)."""
         t0 = time.perf_counter()
         query = self.detect(image)
         img, boxes = query.image, query.boxes
@@ -71,8 +73,12 @@ class Searcher:
         matches, best = self._ranked(out.vector, k, where, rank)
         threshold = self.threshold()
         no_match = threshold is not None and best is not None and best < threshold
+        if min_score is not None:
+            matches = [m for m in matches if m.score >= min_score]
+        elif no_match:
+            matches = []
         info = QueryInfo(boxes, out.crop.box, out.crop.path, (time.perf_counter() - t0) * 1000)
-        return SearchResult(info, [] if no_match else matches, no_match, threshold)
+        return SearchResult(info, matches, no_match, threshold)
 
     def similar(self, product_id: str, k: int, where: dict[str, str] | None, rank: str) -> SearchResult:
         """More like this: the products nearest a catalog product, searched with the mean of its stored

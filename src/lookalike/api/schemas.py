@@ -67,6 +67,14 @@ class SearchForm(BaseModel):
     )
     where: WhereText = None
     rank: Literal[RANKS] = Field(DEFAULT_RANK)  # type: ignore[valid-type]
+    min_score: float | None = Field(
+        None,
+        ge=-1,
+        le=1,
+        description="return the products scoring at least this even when the photo is under the "
+        "catalog's no-match threshold (no_match is still reported), e.g. 0 for the closest products anyway; "
+        "default: none under the threshold",
+    )
 
 
 class SearchRequest(BaseModel):
@@ -83,6 +91,14 @@ class SearchRequest(BaseModel):
     )
     rank: Literal[RANKS] = Field(  # type: ignore[valid-type]
         DEFAULT_RANK, description="a product's score: its best image, or the mean of its best 2 or 3"
+    )
+    min_score: float | None = Field(
+        None,
+        ge=-1,
+        le=1,
+        description="return the products scoring at least this even when the photo is under the "
+        "catalog's no-match threshold (no_match is still reported), e.g. 0 for the closest products anyway; "
+        "default: none under the threshold",
     )
 
 

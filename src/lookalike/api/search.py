@@ -24,19 +24,21 @@ def router(reads: list) -> list[APIRouter]:
                 dependencies=[Depends(given_once(SearchForm))], form_limits=limits)  # fmt: skip
     async def search_upload(form: Annotated[SearchForm, Form()], svc: Service = Depends(service)) -> Any:  # noqa: B008
         image = await upload_bytes(form.image, "image", svc.settings)
-        return await _search(svc, image, form.k, form.where, BoxChoice.parse(form.box), form.rank)
+        return await _search(svc, image, form.k, form.where, BoxChoice.parse(form.box), form.rank, form.min_score)
 
     @jsons.post("/search", response_model=SearchResult, responses=ERRORS, openapi_extra=also_as_form(SearchForm))
     async def search(body: SearchRequest, svc: Service = Depends(service)) -> Any:  # noqa: B008
         """Search with an uploaded photo (multipart field `image`) or a photo URL (JSON `url`)."""
         image = await svc.fetch(body.url)
-        return await _search(svc, image, body.k, body.where, _box(body.box), body.rank)
+        return await _search(svc, image, body.k, body.where, _box(body.box), body.rank, body.min_score)
 
     return [forms, jsons]
 
 
-async def _search(svc: Service, image: bytes, k: int, where: dict | None, box: BoxChoice, rank: str) -> dict:
-    result = await anyio.to_thread.run_sync(svc.catalog.search, image, k, where, box, rank, limiter=svc.inference)
+async def _search(svc: Service, image: bytes, k: int, where: dict | None, box: BoxChoice, rank: str,
+                  min_score: float | None) -> dict:  # fmt: skip
+    result = await anyio.to_thread.run_sync(svc.catalog.search, image, k, where, box, rank, min_score,
+                                            limiter=svc.inference)  # fmt: skip
     svc.stats.search(result.query.took_ms)
     return result.to_dict()
 
