@@ -2,7 +2,8 @@
 #   models:  the model files: converted once (onnx, tflite2onnx and npm live only here; no torch), or
 #            taken as they are from OFFLINE/models
 #   build:   a virtual environment with ONNX Runtime, FAISS, Streamlit, FastAPI, pymilvus and lookalike,
-#            from the registries or from the wheels in OFFLINE/wheels (no registry reached)
+#            from the registries or from the wheels in OFFLINE/wheels (no registry reached). Not Milvus
+#            Lite (170 MB): a container's catalog is on the local store or on a Milvus server
 #   runtime: the base image, that environment and the models; a non-root user; a health check
 # Dependencies are installed before the source is copied (a code change rebuilds only the last layers),
 # at the versions of requirements.lock (a constraints file: only what each stage needs is installed).
@@ -44,7 +45,8 @@ COPY ${OFFLINE}/ /offline/
 COPY pyproject.toml requirements.lock ./
 RUN python3 -m venv /opt/lookalike \
  && python3 -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; e = p['optional-dependencies']; \
-print('\n'.join(p['dependencies'] + e['app'] + e['api'] + e['milvus']))" > runtime.txt \
+print('\n'.join(p['dependencies'] + e['app'] + e['api'] + [r for r in e['milvus'] if not r.startswith('milvus-lite')]))" \
+    > runtime.txt \
  && if ls /offline/wheels/*.whl >/dev/null 2>&1; then from="--no-index --find-links /offline/wheels"; else from=""; fi \
  && /opt/lookalike/bin/pip install --no-cache-dir $from -c requirements.lock -r runtime.txt
 COPY README.md ./

@@ -66,6 +66,8 @@ def client(spec: str):
         from pymilvus import MilvusClient
     except ImportError:
         raise LookalikeError("the milvus store needs pymilvus: pip install 'lookalike[milvus]'") from None
+    for name in ("pymilvus", "pymilvus.milvus_client"):  # its log repeats, as tracebacks, what our one line says
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     uri, lite = address(spec)
     if lite:
         Path(uri).parent.mkdir(parents=True, exist_ok=True)
