@@ -16,7 +16,9 @@ Each store is measured in a fresh process, so its RAM is its own.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -41,8 +43,11 @@ IMAGES_PER_PRODUCT = 3
 BRANDS = 100  # the filter `brand=b07` matches 1% of products
 CHUNK = 20_000
 # compact: the local default; hnsw: the local store before issue 13 (HNSW over float32); milvus: Milvus
-# Lite in a file beside the catalog, the vectors moved there with `store migrate` (issue 14)
-STORES = {"compact": {}, "hnsw": {"large": "hnsw"}, "milvus": {}, "milvus-ivf": {"index_type": "IVF_FLAT"}}
+# Lite in a file beside the catalog, the vectors moved there with `store migrate` (issue 14);
+# milvus-server: a Milvus server (--milvus ADDRESS, or the embedded standalone server of PyPI's `milvus`
+# package started here), with its default there (IVF_FLAT, issue 23)
+STORES = {"compact": {}, "hnsw": {"large": "hnsw"}, "milvus": {}, "milvus-ivf": {"index_type": "IVF_FLAT"},
+          "milvus-server": {}}  # fmt: skip
 
 
 def real_vectors(n_base: int, n_queries: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -260,7 +265,12 @@ def run_store(name: str, args, base_dir: Path, truth: dict, copies: Copies, quer
         shutil.copy2(f, directory / f.name)
     t0 = time.perf_counter()
     db = CatalogDB(directory, **options)
-    if name.startswith("milvus"):  # every vector inserted into Milvus Lite in batches, flushed, then named
+    built: dict = {}
+    if name == "milvus-server":  # every vector upserted to the server in batches, flushed, then named
+        db.migrate(args.milvus)
+        built["insert_s"] = round(time.perf_counter() - t0, 1)
+        built["index_built_s"] = wait_for_index(args.milvus, directory)
+    elif name.startswith("milvus"):  # the same into Milvus Lite
         db.migrate(f"milvus://{directory.resolve()}/lite.db")
     else:
         db.flush()  # builds the index from SQLite and saves its snapshot
@@ -272,7 +282,7 @@ def run_store(name: str, args, base_dir: Path, truth: dict, copies: Copies, quer
     data = work / "measure.npz"
     np.savez(data, queries=queries, extra=extra, **truth)
     row = {"images": args.images, "build_s": round(build_s, 1), "insert_per_s": round(args.images / build_s),
-           **disk(directory, args.images)}  # fmt: skip
+           **built, **disk(directory, args.images)}  # fmt: skip
     child = subprocess.run([sys.executable, __file__, "--measure", str(directory), "--store", name,
                             "--data", str(data), "--images", str(args.images)],
                            capture_output=True, text=True, check=True)  # fmt: skip
@@ -281,6 +291,42 @@ def run_store(name: str, args, base_dir: Path, truth: dict, copies: Copies, quer
         shutil.rmtree(directory, ignore_errors=True)
     print(name, json.dumps(row), file=sys.stderr, flush=True)
     return row
+
+
+def wait_for_index(spec: str, directory: Path, limit_s: float = 1800) -> float:
+    """Seconds until the server has indexed every row of the catalog's collection (a server builds its
+    IVF lists in the background after a flush; searches meanwhile scan the unindexed rows)."""
+    from pymilvus import MilvusClient
+
+    from lookalike.index.milvus import TOKEN_ENV, address
+
+    uri, _ = address(spec)
+    token = os.environ.get(TOKEN_ENV, "")
+    client = MilvusClient(uri=uri, token=token) if token else MilvusClient(uri=uri)
+    collection = json.loads(next(directory.glob("milvus-*.json")).read_text())["collection"]
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < limit_s:
+        info = client.describe_index(collection, client.list_indexes(collection)[0])
+        if int(info.get("total_rows", 0)) and int(info.get("pending_index_rows", 1)) == 0 and \
+                int(info.get("indexed_rows", 0)) >= int(info["total_rows"]):  # fmt: skip
+            break
+        time.sleep(2)
+    client.close()
+    return round(time.perf_counter() - t0, 1)
+
+
+@contextlib.contextmanager
+def milvus_server(work: Path):
+    """The embedded standalone Milvus server (PyPI `milvus`), its data under `work`."""
+    from milvus import MilvusServer
+
+    server = MilvusServer()
+    server.set_base_dir(str(work / "milvus-server"))
+    server.start()
+    try:
+        yield f"milvus://127.0.0.1:{server.listen_port}"
+    finally:
+        server.stop()
 
 
 def suite_check() -> dict:
@@ -319,6 +365,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--dir", type=Path, default=None, help="where the catalogs are written (default: a temp dir)")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--milvus", help="the Milvus server of the milvus-server store (default: one started here)")
     ap.add_argument("--suites", action="store_true")
     ap.add_argument("--measure", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--store", help=argparse.SUPPRESS)
@@ -341,8 +388,11 @@ def main() -> None:
         shutil.rmtree(base_dir, ignore_errors=True)
         out["sqlite_write_s"], truth = fill(base_dir, copies, queries, shots)
         out["sqlite_write_s"] = round(out["sqlite_write_s"], 1)
-        out["stores"] = {name: run_store(name, args, base_dir, truth, copies, queries, work)
-                         for name in args.stores.split(",")}  # fmt: skip
+        with contextlib.ExitStack() as stack:
+            if "milvus-server" in args.stores.split(",") and not args.milvus:
+                args.milvus = stack.enter_context(milvus_server(work))
+            out["stores"] = {name: run_store(name, args, base_dir, truth, copies, queries, work)
+                             for name in args.stores.split(",")}  # fmt: skip
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     text = json.dumps(out, indent=2)
