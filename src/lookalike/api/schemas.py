@@ -11,6 +11,10 @@ from lookalike.pipeline import DEFAULT_RANK, RANKS
 
 MAX_K = 100
 MAX_URL = 2048
+MIN_SCORE = (
+    "return the products scoring at least this even when the photo is under the catalog's no-match threshold "
+    "(no_match is still reported), e.g. 0 for the closest products anyway; default: none under the threshold"
+)
 
 
 def _http_only(url: str) -> str:
@@ -67,14 +71,7 @@ class SearchForm(BaseModel):
     )
     where: WhereText = None
     rank: Literal[RANKS] = Field(DEFAULT_RANK)  # type: ignore[valid-type]
-    min_score: float | None = Field(
-        None,
-        ge=-1,
-        le=1,
-        description="return the products scoring at least this even when the photo is under the "
-        "catalog's no-match threshold (no_match is still reported), e.g. 0 for the closest products anyway; "
-        "default: none under the threshold",
-    )
+    min_score: float = Field(None, ge=-1, le=1, description=MIN_SCORE)  # a form field is never null
 
 
 class SearchRequest(BaseModel):
@@ -92,14 +89,7 @@ class SearchRequest(BaseModel):
     rank: Literal[RANKS] = Field(  # type: ignore[valid-type]
         DEFAULT_RANK, description="a product's score: its best image, or the mean of its best 2 or 3"
     )
-    min_score: float | None = Field(
-        None,
-        ge=-1,
-        le=1,
-        description="return the products scoring at least this even when the photo is under the "
-        "catalog's no-match threshold (no_match is still reported), e.g. 0 for the closest products anyway; "
-        "default: none under the threshold",
-    )
+    min_score: float | None = Field(None, ge=-1, le=1, description=MIN_SCORE)
 
 
 class ProductImage(BaseModel):
