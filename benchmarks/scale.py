@@ -176,7 +176,7 @@ def measure(directory: Path, options: dict, data: Path, images: int) -> dict:
         build, default = milvus.INDEXES["IVF_FLAT"]
         out["sweep"] = []
         for nprobe in (16, 32, 64, 128):
-            milvus.INDEXES["IVF_FLAT"] = (build, lambda k, n=nprobe: {"nprobe": n})
+            milvus.INDEXES["IVF_FLAT"] = (build, lambda k, share, n=nprobe: {"nprobe": n})
             p50, p99, recall = run(1)
             out["sweep"].append({"nprobe": nprobe, "p50_ms": round(p50, 2), "recall_at_10": round(recall, 4)})
         milvus.INDEXES["IVF_FLAT"] = (build, default)
@@ -321,7 +321,7 @@ def milvus_server(work: Path):
     from milvus import MilvusServer
 
     server = MilvusServer()
-    server.set_base_dir(str(work / "milvus-server"))
+    server.set_base_dir(str(work / "milvus-data"))  # not "milvus-server": that is the store's catalog
     server.start()
     try:
         yield f"milvus://127.0.0.1:{server.listen_port}"
