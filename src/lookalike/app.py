@@ -19,6 +19,12 @@ from streamlit_image_coordinates import streamlit_image_coordinates
 from lookalike.errors import LookalikeError
 from lookalike.pipeline import Box, BoxChoice, Catalog, ImageSource, Query, SearchResult, thumbnail_uri
 
+# Streamlit runs this file as a script, with its own folder first on sys.path: there `import onnx` (the
+# model fingerprint reads graphs with it) would find lookalike/onnx.py instead of the onnx package.
+# lookalike's modules are imported by their full names, so the folder has no business on the path.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
 AUTO, WHOLE, OWN = "Automatic (the pair / best box)", "Whole image", "My own box"
 COLUMNS = 4
 CLICK_PX = 6  # a press and release this close (in displayed pixels) is a click, not a drawn box
