@@ -94,3 +94,39 @@ def test_the_core_install_is_light():
         assert extra in project["optional-dependencies"], extra
     pinned = [r for r in project["dependencies"] if "==" in r]
     assert not pinned, f"core dependencies take compatible ranges (the lock file pins): {pinned}"
+
+
+def test_no_module_imports_one_that_imports_it():
+    """The import graph of src/lookalike has no cycle, imports inside functions and TYPE_CHECKING blocks
+    included (issue 24: `cluster` and `indexing` imported each other). A package's `__init__` is left
+    out: importing any submodule runs it, so it is no edge of the graph."""
+    modules: dict[str, Path] = {}
+    for path in SRC.rglob("*.py"):
+        if path.name != "__init__.py":
+            modules[".".join(path.relative_to(SRC.parent).with_suffix("").parts)] = path
+
+    def imported(name: str, path: Path) -> set[str]:
+        package = name.rsplit(".", 1)[0]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+                module = ".".join(base + ([node.module] if node.module else []))
+                found |= {module} | {f"{module}.{a.name}" for a in node.names}
+        return {m for m in found if m in modules and m != name}
+
+    graph = {name: imported(name, path) for name, path in modules.items()}
+
+    def reaches(start: str) -> set[str]:
+        seen, todo = set(), list(graph[start])
+        while todo:
+            m = todo.pop()
+            if m not in seen:
+                seen.add(m)
+                todo += graph[m]
+        return seen
+
+    cycles = sorted(m for m in graph if m in reaches(m))
+    assert not cycles, f"modules that import themselves through others: {cycles}"

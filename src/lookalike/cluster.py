@@ -1,7 +1,7 @@
 """Indexing on Ray Data: a source's photos are read, decoded, detected, cropped and embedded by a pool
 of actors (each loads its ONNX sessions once), on this machine or a Ray cluster; the records come
 back, in order, to the one process that writes them to the store. Each photo takes exactly the path
-it takes locally (`indexing.prepare`, one intra-op thread), so the vectors and the bad-input report
+it takes locally (`prepare.prepare`, one intra-op thread), so the vectors and the bad-input report
 are the same. On a cluster every worker must reach the images (shared storage or URLs) and have
 lookalike and its model files installed.
 """
@@ -31,7 +31,7 @@ BLOCK = 128  # rows per Ray block: small enough that results stream back while t
 
 
 class RayRunner:
-    """Runs `indexing.prepare` over items on Ray: `address` LOCAL (a new local Ray with `workers`
+    """Runs `prepare.prepare` over items on Ray: `address` LOCAL (a new local Ray with `workers`
     CPUs), "auto" or "ray://host:10001" (join a running cluster)."""
 
     def __init__(self, address: str = LOCAL, workers: int | None = None):
@@ -132,7 +132,7 @@ def actor_class(config_json: str, limits: Limits, source: str, embed: bool) -> t
 
     class PrepareActor:
         def __init__(self):
-            from lookalike.indexing import prepare
+            from lookalike.prepare import prepare
 
             self.encoder = Encoder(PipelineConfig.from_json(config_json), threads=1, limits=limits)
             self.prepare = prepare

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from lookalike.catalog import CatalogDB, ImageRecord
 from lookalike.encoder import Encoder, StageProgress, run_parallel, safely, stage
-from lookalike.images import ImageSource, Photo
+from lookalike.prepare import absolute, prepare
 from lookalike.results import IndexReport
 from lookalike.sources import Columns, Item, SourceProblem, iter_source, source_id
 from lookalike.uploads import Uploads
@@ -19,20 +19,6 @@ if TYPE_CHECKING:
     from lookalike.cluster import RayRunner
 
 Key = tuple[str, str]  # (product id, image)
-
-
-def record(encoder: Encoder, photo: Photo, product_id: str, key: str, metadata: dict, source: str) -> ImageRecord:
-    """A photo's record: its vector and the crop it came from."""
-    out = encoder.encode(encoder.image(photo))
-    box = out.crop.box.to_dict() if out.crop.box else None
-    return ImageRecord(product_id, key, photo.sha256, out.vector, out.crop.path, box, metadata, source)
-
-
-def absolute(image: str | ImageSource) -> str:
-    """A path made absolute now, so what is stored never depends on the working directory."""
-    if isinstance(image, ImageSource):
-        return image.value if image.kind == "url" else str(Path(image.value).resolve())
-    return image if "://" in image else str(Path(image).resolve())  # another scheme fails when read
 
 
 def embed_source(store: CatalogDB, encoder: Encoder, source: str | Path | Iterable[Item], threads: int,
@@ -94,14 +80,3 @@ def settle(store: CatalogDB, report: IndexReport, items: list[Item], claimed: li
         store.set_products(changed)
     if report.pruned:
         uploads.forget(store.remove(images=report.pruned))
-
-
-def prepare(encoder: Encoder, item: Item, known: dict, source: str, embed: bool = True) -> ImageRecord | None:
-    """The record to store (without a vector when not embedding), or None when the image is unchanged."""
-    photo = encoder.photo(item.image)
-    if known.get((item.product_id, item.image), (None,))[0] == photo.sha256:
-        return None
-    if not embed:
-        encoder.image(photo)  # a dry run still finds the images that would fail
-        return ImageRecord(item.product_id, item.image, photo.sha256, None, "dry-run", None, item.metadata, source)
-    return record(encoder, photo, item.product_id, item.image, item.metadata, source)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lookalike import indexing, models, rebuild
+from lookalike import indexing, models, prepare, rebuild
 from lookalike.boxes import BoxChoice
 from lookalike.catalog import CatalogDB, ImageRecord
 from lookalike.config import PipelineConfig
@@ -199,9 +199,9 @@ class Catalog:
         records = []
         for image in images:
             photo = self.query_encoder.photo(image)
-            record = indexing.record(self.query_encoder, photo, product_id, "", metadata or {}, source)
+            record = prepare.record(self.query_encoder, photo, product_id, "", metadata or {}, source)
             source_ = ImageSource.of(image)
-            record.image = self.uploads.keep(photo) if source_.kind == "bytes" else indexing.absolute(source_)
+            record.image = self.uploads.keep(photo) if source_.kind == "bytes" else prepare.absolute(source_)
             records.append(record)
         self.uploads.forget(self.store.add(records, replace_products=[product_id]))
         self._record_config()
