@@ -115,8 +115,9 @@ def test_a_changed_model_file_is_refused_until_reindexed(tmp_path, sneaker_folde
 
 
 def test_a_catalog_that_recorded_file_hashes_keeps_working(tmp_path, sneaker_folder):
-    """Catalogs made before fingerprints recorded each model file's sha256: the same file is accepted and
-    its fingerprint recorded in its place; a file with another sha256 and other weights is refused."""
+    """Catalogs made before fingerprints recorded each model file's sha256: the same file, or an earlier
+    version of the same model listed beside it, is accepted and its fingerprint recorded in its place; a
+    file with another sha256 and other weights is refused."""
     from lookalike import models
     from lookalike.pipeline import PipelineConfig
 
@@ -127,6 +128,20 @@ def test_a_catalog_that_recorded_file_hashes_keeps_working(tmp_path, sneaker_fol
         fingerprints = cat.encoder.model_fingerprints()
         files = cat.encoder.model_files()
         cat.store.set_meta("models", json.dumps({k: models.sha256_file(v) for k, v in files.items()}))
+    with Catalog.open(tmp_path / "cat") as cat:
+        assert json.loads(cat.store.get_meta("models")) == fingerprints
+        # an earlier version of the same model beside it, in the folder's manifest (as v2 of the embedder
+        # is beside v3 in a model cache): other bytes (no node names), the same computation
+        import onnx
+
+        earlier = onnx.load(str(embedder))
+        for node in earlier.graph.node:
+            node.name = ""
+        onnx.save(earlier, str(tmp_path / "emb_v0.onnx"))
+        old_sha = models.sha256_file(tmp_path / "emb_v0.onnx")
+        assert old_sha != models.sha256_file(embedder)
+        (tmp_path / models.MANIFEST).write_text(json.dumps({"emb_v0.onnx": old_sha}))
+        cat.store.set_meta("models", json.dumps({**fingerprints, "embedder": old_sha}))
     with Catalog.open(tmp_path / "cat") as cat:
         assert json.loads(cat.store.get_meta("models")) == fingerprints
         cat.store.set_meta("models", json.dumps({**fingerprints, "embedder": models.sha256_file(embedder)}))

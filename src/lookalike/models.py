@@ -84,6 +84,23 @@ def fingerprint(path: Path) -> str:
     return _fingerprint(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
 
 
+def recorded_as(value: str, path: Path) -> bool:
+    """Whether what a catalog recorded for a model names the model at `path`: its fingerprint or, for
+    catalogs made before fingerprints, the sha256 of that file, or of a file its folder's manifest
+    lists that computes the same (an earlier version of the model: efficientnet_lite0_v2.onnx is v3
+    without node names). Errors reading a file mean no."""
+    try:
+        if value in (fingerprint(path), sha256_file(path)):
+            return True
+        for name, sha in _read_manifest(Path(path).parent).items():
+            other = Path(path).parent / name
+            if sha == value and other.is_file() and sha256_file(other) == sha:
+                return fingerprint(other) == fingerprint(path)
+    except (OSError, LookalikeError):
+        return False
+    return False
+
+
 FINGERPRINT_FORMAT = b"lookalike model fingerprint 1"
 
 

@@ -121,8 +121,8 @@ class Catalog:
     def _check_models(self) -> None:
         """Vectors of two models are never mixed: the catalog records a fingerprint of what each model
         its vectors came from computes (`models.fingerprint`), and refuses to run with models that
-        compute something else. Catalogs made before fingerprints recorded each file's sha256: a file
-        with that sha256 is the same model, and its fingerprint is recorded in its place."""
+        compute something else. Catalogs made before fingerprints recorded each file's sha256: when that
+        still names the model (`models.recorded_as`), its fingerprint is recorded in its place."""
         recorded = json.loads(self.store.get_meta("models") or "{}")
         if not recorded:
             return
@@ -132,7 +132,7 @@ class Catalog:
         for name, value in recorded.items():
             if current.get(name) == value:
                 continue
-            if name in files and _sha256_or_none(files[name]) == value:
+            if name in files and models.recorded_as(value, files[name]):
                 legacy = True
                 continue
             raise LookalikeError(
@@ -432,13 +432,6 @@ def pull_models(force: bool = False, objectron_tgz: Path | None = None,
 def check_models() -> list[models.ModelStatus]:
     """Whether each default model file is present and matches its recorded hash."""
     return [models.check(name) for name in (models.DETECTOR, models.EMBEDDER)]
-
-
-def _sha256_or_none(path: Path) -> str | None:
-    try:
-        return models.sha256_file(path)
-    except OSError:
-        return None
 
 
 def check_min_score(value: float | None) -> float | None:
