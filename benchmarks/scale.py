@@ -34,10 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed import machine  # noqa: E402
 from suites import DATASETS, OUT, suites  # noqa: E402
 
-from lookalike.catalog import CatalogDB, ImageRecord  # noqa: E402
 from lookalike.config import PipelineConfig  # noqa: E402
 from lookalike.eval import parse_where, read_labels  # noqa: E402
 from lookalike.offline import Photos, default_cache  # noqa: E402
+from lookalike.records import ImageRecord  # noqa: E402
+from lookalike.storage import Storage  # noqa: E402
 
 IMAGES_PER_PRODUCT = 3
 BRANDS = 100  # the filter `brand=b07` matches 1% of products
@@ -98,7 +99,7 @@ def product_of(i: int) -> int:
 
 def fill(directory: Path, copies: Copies, queries: np.ndarray, shots: np.ndarray) -> tuple[float, dict]:
     """Write N images to a new catalog (SQLite only) and compute exact top-10s on the way."""
-    db = CatalogDB(directory)
+    db = Storage(directory)
     truth, filtered, shot_truth = TopK(queries, 10), TopK(queries, 10), TopK(shots, 10)
     t0 = time.perf_counter()
     for start, v in copies.chunks():
@@ -107,7 +108,7 @@ def fill(directory: Path, copies: Copies, queries: np.ndarray, shots: np.ndarray
         shot_truth.update(v, np.array(ids) + 1)
         brand_07 = np.array([product_of(i) % BRANDS == 7 for i in ids])
         filtered.update(v[brand_07], np.array(ids)[brand_07] + 1)
-        db.add([ImageRecord(f"p{product_of(i)}", f"synthetic/{i}.jpg", f"{i:064x}", v[j],
+        db.records.add([ImageRecord(f"p{product_of(i)}", f"synthetic/{i}.jpg", f"{i:064x}", v[j],
                             metadata={"brand": f"b{product_of(i) % BRANDS:02d}", "price": product_of(i) % 200})
                 for j, i in enumerate(ids)])  # fmt: skip
         if (start + len(v)) % 100_000 < CHUNK:
@@ -147,10 +148,10 @@ def measure(directory: Path, options: dict, data: Path, images: int) -> dict:
     queries, truth, filtered, extra = d["queries"], d["truth"], d["filtered"], d["extra"]
     before = rss()
     t0 = time.perf_counter()
-    db = CatalogDB(directory, **options)
+    db = Storage(directory, **options)
     db.search(queries[0], 10)
-    out = {"open_s": round(time.perf_counter() - t0, 2), "kind": db.index_kind()}
-    index = db._ensure_index()
+    out = {"open_s": round(time.perf_counter() - t0, 2), "kind": db.live.kind()}
+    index = db.live.index()
 
     def run(passes: int, queries=queries, truth=truth) -> tuple[float, float, float]:
         lat, hits = [], 0
@@ -202,16 +203,16 @@ def measure(directory: Path, options: dict, data: Path, images: int) -> dict:
     # delete: the top product of a query, gone from the very next search, the same index object
     top = db.search(queries[0], 1)[0]
     t1 = time.perf_counter()
-    db.remove(products=[top.product_id])
+    db.records.remove(products=[top.product_id])
     again = db.search(queries[0], 10)
     out["delete_visible_s"] = round(time.perf_counter() - t1, 4)
-    out["delete_rebuilt_index"] = db._ensure_index() is not index
+    out["delete_rebuilt_index"] = db.live.index() is not index
     assert top.product_id not in {h.product_id for h in again}
 
     # add 1,000 images (vectors given: embedding excluded), the first found by the next search
     t1 = time.perf_counter()
-    db.add([ImageRecord(f"new{i // IMAGES_PER_PRODUCT}", f"new/{i}.jpg", f"{i:064x}", v, metadata={"brand": "new"})
-            for i, v in enumerate(extra)])  # fmt: skip
+    db.records.add([ImageRecord(f"new{i // IMAGES_PER_PRODUCT}", f"new/{i}.jpg", f"{i:064x}", v,
+                                metadata={"brand": "new"}) for i, v in enumerate(extra)])  # fmt: skip
     found = db.search(extra[0], 1)
     out["add_1000_s"] = round(time.perf_counter() - t1, 3)
     out["add_found"] = found[0].image.endswith("new/0.jpg")
@@ -222,7 +223,7 @@ def measure(directory: Path, options: dict, data: Path, images: int) -> dict:
     return out
 
 
-def searches_during_write(db: CatalogDB, queries: np.ndarray, extra: np.ndarray) -> dict:
+def searches_during_write(db: Storage, queries: np.ndarray, extra: np.ndarray) -> dict:
     """Searches in one thread while another adds 1,000 more images: how long a write holds them up."""
     stop, lat = threading.Event(), []
 
@@ -237,7 +238,7 @@ def searches_during_write(db: CatalogDB, queries: np.ndarray, extra: np.ndarray)
     time.sleep(0.2)
     before = len(lat)
     t0 = time.perf_counter()
-    db.add([ImageRecord(f"more{i // IMAGES_PER_PRODUCT}", f"more/{i}.jpg", f"{i + 10**6:064x}", -v)
+    db.records.add([ImageRecord(f"more{i // IMAGES_PER_PRODUCT}", f"more/{i}.jpg", f"{i + 10**6:064x}", -v)
             for i, v in enumerate(extra)])  # fmt: skip
     write_s = time.perf_counter() - t0
     during = len(lat) - before
@@ -264,16 +265,16 @@ def run_store(name: str, args, base_dir: Path, truth: dict, copies: Copies, quer
     for f in base_dir.iterdir():
         shutil.copy2(f, directory / f.name)
     t0 = time.perf_counter()
-    db = CatalogDB(directory, **options)
+    db = Storage(directory, **options)
     built: dict = {}
     if name == "milvus-server":  # every vector upserted to the server in batches, flushed, then named
-        db.migrate(args.milvus)
+        db.live.migrate(args.milvus)
         built["insert_s"] = round(time.perf_counter() - t0, 1)
         built["index_built_s"] = wait_for_index(args.milvus, directory)
     elif name.startswith("milvus"):  # the same into Milvus Lite
-        db.migrate(f"milvus://{directory.resolve()}/lite.db")
+        db.live.migrate(f"milvus://{directory.resolve()}/lite.db")
     else:
-        db.flush()  # builds the index from SQLite and saves its snapshot
+        db.live.flush()  # builds the index from SQLite and saves its snapshot
     build_s = time.perf_counter() - t0
     db.close()
     rng = np.random.default_rng(1)
@@ -343,8 +344,8 @@ def suite_check() -> dict:
         r1 = {}
         for name, options in (("exact", {"large_from": 10**9}), ("compact", {"large_from": 1})):
             with tempfile.TemporaryDirectory() as tmp:
-                db = CatalogDB(tmp, **options)
-                db.add([ImageRecord(rows[i][s.label] or "-", f"g/{i}", "0" * 64, vectors[i]) for i in gi])
+                db = Storage(tmp, **options)
+                db.records.add([ImageRecord(rows[i][s.label] or "-", f"g/{i}", "0" * 64, vectors[i]) for i in gi])
                 right = 0
                 for i in qi:
                     hits = [h for h in db.search(vectors[i], 2) if not h.image.endswith(f"/g/{i}")]

@@ -37,14 +37,15 @@ from pathlib import Path
 import numpy as np
 
 from lookalike import Catalog
-from lookalike import catalog as catalog_module
 from lookalike import crop as crop_module
 from lookalike import encoder as encoder_module
 from lookalike import images as images_module
-from lookalike.catalog import CatalogDB, ImageRecord
+from lookalike import records as records_module
 from lookalike.config import PipelineConfig
 from lookalike.encoder import Encoder
+from lookalike.records import ImageRecord
 from lookalike.sources import Item
+from lookalike.storage import Storage
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = Path(os.environ.get("LOOKALIKE_DATASETS", ROOT.parent / "shared" / "datasets")).resolve()
@@ -128,7 +129,7 @@ def profile(items: list[Item], tmp: Path) -> dict[str, float]:
             patched(type(det), "__call__", t.wrap("detector (all)", type(det).__call__)),
             patched(encoder_module, "choose_crop", t.wrap("crop", crop_module.choose_crop)),
             patched(type(emb), "__call__", t.wrap("embedder (all)", type(emb).__call__)),
-            patched(catalog_module.CatalogDB, "add", t.wrap("write", catalog_module.CatalogDB.add)),
+            patched(records_module.Records, "add", t.wrap("write", records_module.Records.add)),
         ):  # fmt: skip
             t0 = time.perf_counter()
             cat.index(items[5:], prune=False)
@@ -200,15 +201,15 @@ def latency(cat: Catalog, queries: list[bytes]) -> tuple[float, float]:
 
 def grow(directory: Path, total: int, rng: np.random.Generator) -> None:
     """Add noisy copies of the catalog's real vectors until it holds `total` images."""
-    db = CatalogDB(directory)
-    real = db.vectors()
+    db = Storage(directory)
+    real = db.records.vectors()
     have = len(real)
     while have < total:
         n = min(10_000, total - have)
         base = real[rng.integers(0, len(real), n)]
         noisy = base + rng.normal(0, 0.02, base.shape).astype(np.float32)
         noisy /= np.linalg.norm(noisy, axis=1, keepdims=True)
-        db.add([ImageRecord(f"synthetic-{(have + i) // 3}", f"synthetic/{have + i}.jpg", f"{have + i:064x}", v)
+        db.records.add([ImageRecord(f"synthetic-{(have + i) // 3}", f"synthetic/{have + i}.jpg", f"{have + i:064x}", v)
                 for i, v in enumerate(noisy)])  # fmt: skip
         have += n
     db.close()
@@ -255,11 +256,11 @@ def main() -> None:
             vectors = [cat.embed(q) for q in queries[:200]]
         print("search", out["search"])
 
-        exact, hnsw = CatalogDB(big, large_from=10**9), CatalogDB(big, large_from=1, large="hnsw")
+        exact, hnsw = Storage(big, large_from=10**9), Storage(big, large_from=1, large="hnsw")
         truth = [{h.image for h in exact.search(v, 10)} for v in vectors]
         out["hnsw"] = []
         for ef in (64, 128, 256):
-            hnsw._ensure_index().ef_search = ef
+            hnsw.live.index().ef_search = ef
             hits, t0 = 0, time.perf_counter()
             for v, expected in zip(vectors, truth, strict=True):
                 hits += len({h.image for h in hnsw.search(v, 10)} & expected)

@@ -68,3 +68,28 @@ def emit(out: dict, path: Path | None) -> None:
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text + "\n")
+
+
+def main() -> None:
+    """Suites 1-5 with the default pipeline, R@1 / R@10 / mAP@10 to four decimals: the figures a
+    refactor must leave unchanged (issue 11, issue 24). `--store local` searches through a catalog
+    (the records and the live index) instead of scoring every pair exactly, as eval does by default."""
+    import argparse
+
+    from lookalike.eval import evaluate
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--store", help="search through a catalog on this store (e.g. local)")
+    ap.add_argument("--only", default="12345", help="which suites (default 12345)")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    out = {}
+    for key, s in suites().items():
+        if key in args.only:
+            m = evaluate(s.labels, s.root, s.label, s.query, s.gallery, store=args.store).metrics
+            out[s.name] = {k: round(m[k], 4) for k in ("recall@1", "recall@10", "mAP@10")}
+    emit(out, args.json)
+
+
+if __name__ == "__main__":
+    main()

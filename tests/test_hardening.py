@@ -239,7 +239,7 @@ def test_slow_drip_fetch_is_cut_at_the_deadline():
 # -- point 10: acknowledged writes are fsynced ----------------------------------------------------
 def test_writes_are_durable_past_a_power_loss(tmp_path):
     with Catalog.open(tmp_path / "cat", create=True) as cat:
-        from lookalike.catalog import CatalogDB
+        from lookalike.storage import Storage
 
-        assert isinstance(cat.store, CatalogDB)
-        assert cat.store.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert isinstance(cat.store, Storage)
+        assert cat.store.records.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL

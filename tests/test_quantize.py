@@ -29,7 +29,7 @@ def small_catalog(tmp_path, sneaker_folder):
 def test_quantize_runs_int8_models_made_from_the_catalogs_photos(small_catalog):
     directory, items = small_catalog
     with Catalog.open(directory) as cat:
-        before = {img: cat.embed(img) for _, img in sorted(cat.store.known())}
+        before = {img: cat.embed(img) for _, img in sorted(cat.records.known())}
         float_boxes = cat.detect(items[0].image).boxes
     out = subprocess.run([sys.executable, "-m", "lookalike.cli", "quantize", "--catalog", str(directory), "-q"],
                          capture_output=True, text=True, timeout=600)  # fmt: skip
@@ -43,12 +43,12 @@ def test_quantize_runs_int8_models_made_from_the_catalogs_photos(small_catalog):
             assert any(n.op_type == "QuantizeLinear" for n in model.graph.node)
             meta = {p.key: p.value for p in model.metadata_props}
             assert meta["lookalike.int8_of"] and meta["lookalike.kind"]  # read as the float model was
-        assert set(json.loads(cat.store.get_meta("models"))) == {"detector", "embedder"}
+        assert set(json.loads(cat.records.get_meta("models"))) == {"detector", "embedder"}
         # int8 vectors are close to the float ones, not equal (a real approximation), and searches work
         after = {img: cat.embed(img) for img in before}
         cosines = [float(before[i] @ after[i]) for i in before]
         assert 0.9 < np.mean(cosines) < 0.99999, cosines
-        assert sum(cat.search(img, k=1).results[0].product_id == pid for pid, img in sorted(cat.store.known())) >= 22
+        assert sum(cat.search(img, k=1).results[0].product_id == pid for pid, img in sorted(cat.records.known())) >= 22
         boxes = cat.detect(items[0].image).boxes
         assert len(boxes) >= 1 and len(float_boxes) >= 1
         with pytest.raises(LookalikeError, match="int8 already"):

@@ -16,7 +16,8 @@ import time
 import numpy as np
 import pytest
 
-from lookalike.catalog import DB_NAME, MIGRATIONS, CatalogDB, ImageRecord
+from lookalike.records import DB_NAME, MIGRATIONS, ImageRecord
+from lookalike.storage import Storage
 
 
 def unit(v):
@@ -41,56 +42,56 @@ def records(vectors, start=0, per_product=3):
 def test_compact_index_keeps_recall_and_applies_changes_without_a_rebuild(tmp_path, caplog):
     data, rng = clustered(12_000)
     queries = unit(data[rng.integers(0, len(data), 100)] + 0.1 * rng.normal(size=(100, data.shape[1])))
-    exact, compact = CatalogDB(tmp_path / "exact", large_from=10**9), CatalogDB(tmp_path / "c", large_from=5000)
+    exact, compact = Storage(tmp_path / "exact", large_from=10**9), Storage(tmp_path / "c", large_from=5000)
     for s in (exact, compact):
-        s.add(records(data))
-    assert exact.index_kind() == "exact" and compact.index_kind() == "ivf-pq"
+        s.records.add(records(data))
+    assert exact.live.kind() == "exact" and compact.live.kind() == "ivf-pq"
     recall = np.mean([len({h.image for h in exact.search(q, 10)} & {h.image for h in compact.search(q, 10)}) / 10
                       for q in queries])  # fmt: skip
     assert recall >= 0.95
-    index = compact._ensure_index()
+    index = compact.live.index()
     top = compact.search(queries[0], 1)[0]
-    compact.remove(products=[top.product_id])  # a delete: gone from the next search, same index
+    compact.records.remove(products=[top.product_id])  # a delete: gone from the next search, same index
     assert top.product_id not in {h.product_id for h in compact.search(queries[0], 10)}
     new = unit(rng.normal(size=(1000, data.shape[1])))
-    compact.add(records(new, start=len(data)))  # an add: found by the next search, same index
+    compact.records.add(records(new, start=len(data)))  # an add: found by the next search, same index
     assert compact.search(new[5], 1)[0].image == f"/img/{len(data) + 5}.jpg"
     assert compact.search(new[-1], 1)[0].image == f"/img/{len(data) + 999}.jpg"  # taken in over 8 steps
-    assert compact._ensure_index() is index and index.count() == compact.count()[1]
-    compact.flush()
-    compact.add(records(new[:10] * -1, start=20_000))  # written after the snapshot
-    compact.remove(products=["p3"])
+    assert compact.live.index() is index and index.count() == compact.records.count()[1]
+    compact.live.flush()
+    compact.records.add(records(new[:10] * -1, start=20_000))  # written after the snapshot
+    compact.records.remove(products=["p3"])
     compact.close()
 
     with caplog.at_level(logging.INFO, logger="lookalike"):
-        again = CatalogDB(tmp_path / "c", large_from=5000)
+        again = Storage(tmp_path / "c", large_from=5000)
         assert again.search(-new[3], 1)[0].image == "/img/20003.jpg"  # caught up after the snapshot
     assert not [r for r in caplog.records if "rebuilding" in r.message or "building" in r.message]
-    assert again._ensure_index().restored is not None
-    assert again._ensure_index().count() == again.count()[1]
+    assert again.live.index().restored is not None
+    assert again.live.index().count() == again.records.count()[1]
     assert "p3" not in {h.product_id for h in again.search(data[9], 20)}
     assert top.product_id not in {h.product_id for h in again.search(queries[0], 10)}
 
 
 def test_a_damaged_snapshot_is_rebuilt_from_sqlite_and_logged(tmp_path, caplog):
     data, _ = clustered(6000)
-    store = CatalogDB(tmp_path, large_from=5000)
-    store.add(records(data))
-    store.flush()
+    store = Storage(tmp_path, large_from=5000)
+    store.records.add(records(data))
+    store.live.flush()
     store.close()
     for f in tmp_path.glob("compact-seg-*.f16"):
         f.write_bytes(f.read_bytes()[:1000])  # torn
     with caplog.at_level(logging.INFO, logger="lookalike"):
-        again = CatalogDB(tmp_path, large_from=5000)
+        again = Storage(tmp_path, large_from=5000)
         assert again.search(data[42], 1)[0].image == "/img/42.jpg"
     assert any("building the vector index" in r.message for r in caplog.records)
 
 
 def test_filters_use_the_terms_index_and_find_k_when_few_match(tmp_path):
     data, _ = clustered(9000)
-    store = CatalogDB(tmp_path, large_from=5000)
-    store.add(records(data))
-    plan = " ".join(r[-1] for r in store.db.execute(
+    store = Storage(tmp_path, large_from=5000)
+    store.records.add(records(data))
+    plan = " ".join(r[-1] for r in store.records.db.execute(
         "EXPLAIN QUERY PLAN SELECT image_id FROM image_terms WHERE key = 'brand' AND value = 'b7'"))  # fmt: skip
     assert "USING COVERING INDEX image_terms_value" in plan
     few = store.search(data[0], 10, where={"brand": "B7"})  # 2% of products, compared without case
@@ -99,9 +100,9 @@ def test_filters_use_the_terms_index_and_find_k_when_few_match(tmp_path):
     assert [h.image for h in few] == [f"/img/{i}.jpg" for _, i in exact[:10]]
     cheap = store.search(data[0], 50, where={"price": "..2"})  # a numeric range over text values
     assert len(cheap) == 50 and all(int(h.product_id[1:]) % 100 <= 2 for h in cheap)
-    store.set_products({"p0": {"brand": "rare"}})  # a metadata change moves the product's terms
+    store.records.set_products({"p0": {"brand": "rare"}})  # a metadata change moves the product's terms
     assert {h.product_id for h in store.search(data[0], 10, where={"brand": "rare"})} == {"p0"}
-    assert "brand" not in store.metadata_values() and store.metadata_values(100)["brand"][:2] == ["b0", "b1"]
+    assert "brand" not in store.filters.values() and store.filters.values(100)["brand"][:2] == ["b0", "b1"]
 
 
 def test_v4_migration_fills_the_terms_of_an_existing_catalog(tmp_path):
@@ -117,27 +118,29 @@ def test_v4_migration_fills_the_terms_of_an_existing_catalog(tmp_path):
     db.execute("PRAGMA user_version=3")
     db.commit()
     db.close()
-    store = CatalogDB(tmp_path)
+    store = Storage(tmp_path)
     assert [h.product_id for h in store.search(unit(np.ones(4)), 5, where={"brand": "nike"})] == ["p"]
     assert [h.product_id for h in store.search(unit(np.ones(4)), 5, where={"price": "50..100"})] == ["p"]
 
 
 WORKER = textwrap.dedent("""
     import sys, numpy as np
-    from lookalike.catalog import CatalogDB, ImageRecord
+    from lookalike.records import ImageRecord
+    from lookalike.storage import Storage
     rng = np.random.default_rng(int(sys.argv[2]))
-    store = CatalogDB(sys.argv[1], large_from=2000)
+    store = Storage(sys.argv[1], large_from=2000)
     step = 0
     while True:
         v = rng.normal(size=(50, 32)).astype(np.float32)
         v /= np.linalg.norm(v, axis=1, keepdims=True)
         base = 100_000 + step * 50
-        store.add([ImageRecord(f"n{base + i}", f"/n/{base + i}.jpg", f"{base + i:064x}", x) for i, x in enumerate(v)])
+        store.records.add([ImageRecord(f"n{base + i}", f"/n/{base + i}.jpg", f"{base + i:064x}", x)
+                           for i, x in enumerate(v)])
         print("added", base, flush=True)
-        store.remove(products=[f"n{base + 7}", f"p{step}"])
+        store.records.remove(products=[f"n{base + 7}", f"p{step}"])
         print("removed", base + 7, step, flush=True)
         if step % 5 == 0:
-            store.flush()  # a snapshot now and then, so the kill lands on one being caught up
+            store.live.flush()  # a snapshot now and then, so the kill lands on one being caught up
         step += 1
 """)
 
@@ -146,9 +149,9 @@ WORKER = textwrap.dedent("""
 def test_a_killed_writer_leaves_a_catalog_with_every_acknowledged_change(tmp_path, seed):
     rng = np.random.default_rng(seed)
     base = unit(rng.normal(size=(3000, 32)))
-    store = CatalogDB(tmp_path, large_from=2000)
-    store.add([ImageRecord(f"p{i}", f"/p/{i}.jpg", f"{i:064x}", v) for i, v in enumerate(base)])
-    store.flush()
+    store = Storage(tmp_path, large_from=2000)
+    store.records.add([ImageRecord(f"p{i}", f"/p/{i}.jpg", f"{i:064x}", v) for i, v in enumerate(base)])
+    store.live.flush()
     store.close()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.Popen([sys.executable, "-c", WORKER, str(tmp_path), str(seed + 100)], stdout=subprocess.PIPE,
@@ -164,7 +167,7 @@ def test_a_killed_writer_leaves_a_catalog_with_every_acknowledged_change(tmp_pat
     removed = [ln.split()[1:] for ln in lines if ln.startswith("removed")]
     assert len(added) >= 20
 
-    again = CatalogDB(tmp_path, large_from=2000)
+    again = Storage(tmp_path, large_from=2000)
     gone = {f"n{r[0]}" for r in removed} | {f"p{r[1]}" for r in removed}
     wrng = np.random.default_rng(seed + 100)  # the worker's vectors, drawn again
     for b in added:
@@ -175,8 +178,8 @@ def test_a_killed_writer_leaves_a_catalog_with_every_acknowledged_change(tmp_pat
     for step in range(len(removed)):
         hits = {h.product_id for h in again.search(base[step], 10)}
         assert not hits & gone
-    assert again._ensure_index().count() == again.count()[1]
-    products = {p for p, _ in again.known()}
+    assert again.live.index().count() == again.records.count()[1]
+    products = {p for p, _ in again.records.known()}
     assert not products & gone
 
 
@@ -185,45 +188,45 @@ def test_a_new_projection_is_built_beside_the_live_index_and_swapped_in(tmp_path
 
     rng = np.random.default_rng(3)
     vecs = unit(rng.normal(size=(6000, 32)) * np.linspace(3, 0.1, 32))
-    store = CatalogDB(tmp_path, large_from=10**9)
-    store.rebuild_beside_from = 1000
-    store.add(records(vecs))
-    live = store._ensure_index()
+    store = Storage(tmp_path, large_from=10**9)
+    store.live.rebuild_beside_from = 1000
+    store.records.add(records(vecs))
+    live = store.live.index()
     assert store.search(vecs[5], 1)[0].image == "/img/5.jpg"
-    whitening = Whitening.fit(store.vectors(), 8, power=0.5)
-    store.set_projection((whitening.mean, whitening.matrix))
-    store.set_transform(whitening)
+    whitening = Whitening.fit(store.records.vectors(), 8, power=0.5)
+    store.records.set_projection((whitening.mean, whitening.matrix))
+    store.live.set_transform(whitening)
     # until the swap the live index answers, with the transform it was built with; writes go on
-    assert store._index is live or store._index.index.d == 8
-    store.add(records(-vecs[:3], start=50_000))
-    store.remove(products=["p1"])
-    store.wait_for_rebuild(60)
-    assert store._index is not live and store._index.index.d == 8 and store.transform is whitening
+    assert store.live._index is live or store.live._index.index.d == 8
+    store.records.add(records(-vecs[:3], start=50_000))
+    store.records.remove(products=["p1"])
+    store.live.wait_for_rebuild(60)
+    assert store.live._index is not live and store.live._index.index.d == 8 and store.live.transform is whitening
     mapped = whitening(vecs)
     expected = int(np.argmax(np.where((np.arange(6000) // 3) == 1, -np.inf, mapped @ mapped[5])))
     assert store.search(vecs[5], 1)[0].image == f"/img/{expected}.jpg"  # exact search, in the new space
     assert store.search(-vecs[0], 1)[0].image == "/img/50000.jpg"  # written during the build
     assert "p1" not in {h.product_id for h in store.search(vecs[3], 10)}
-    assert store._index.count() == store.count()[1]
+    assert store.live._index.count() == store.records.count()[1]
 
 
 def test_many_removals_are_re_encoded_at_save_and_the_catalog_still_answers(tmp_path):
     data, rng = clustered(8000)
-    store = CatalogDB(tmp_path, large_from=3000)
-    store.add(records(data))
+    store = Storage(tmp_path, large_from=3000)
+    store.records.add(records(data))
     store.search(data[0], 1)  # the compact index is built, then half the catalog goes
-    removed = len(store.remove(products=[f"p{i}" for i in range(0, 2667, 2)]))  # half the lists dead
-    index = store._ensure_index()
+    removed = len(store.records.remove(products=[f"p{i}" for i in range(0, 2667, 2)]))  # half the lists dead
+    index = store.live.index()
     assert len(index.dead) == removed == 4001
-    store.flush()
+    store.live.flush()
     assert len(index.dead) == 0 and index.index.ntotal == 8000 - removed  # re-encoded: dead rows gone
     for i in (1 * 3, 7 * 3 + 1, 2665 * 3):  # kept products (odd numbers), found first
         assert store.search(data[i], 1)[0].image == f"/img/{i}.jpg"
     assert "p2" not in {h.product_id for h in store.search(data[6], 10)}
     store.close()
-    again = CatalogDB(tmp_path, large_from=3000)
+    again = Storage(tmp_path, large_from=3000)
     assert again.search(data[21], 1)[0].image == "/img/21.jpg"
-    assert again._ensure_index().restored is not None and again._ensure_index().count() == 8000 - removed
+    assert again.live.index().restored is not None and again.live.index().count() == 8000 - removed
 
 
 class HeldVector(np.ndarray):
@@ -243,12 +246,12 @@ def test_searches_go_on_while_a_write_transaction_is_open(tmp_path):
     million); searches in the same process must not wait for it: they answer from the last committed
     state meanwhile, and see the write once add() returns."""
     data, _ = clustered(6000)
-    store = CatalogDB(tmp_path, large_from=5000)
-    store.add(records(data))
+    store = Storage(tmp_path, large_from=5000)
+    store.records.add(records(data))
     assert store.search(data[0], 1)[0].image == "/img/0.jpg"
     held = records(-data[:300], start=10_000)
     held[150].vector = held[150].vector.view(HeldVector)
-    writer = threading.Thread(target=store.add, args=(held,))
+    writer = threading.Thread(target=store.records.add, args=(held,))
     writer.start()
     assert HeldVector.started.wait(30)  # inside the transaction, 150 images written, not committed
     answers = []
@@ -261,7 +264,7 @@ def test_searches_go_on_while_a_write_transaction_is_open(tmp_path):
     assert not alive, "a search waited for the write transaction"
     assert all(a[0].image != "/img/10003.jpg" for a in answers)  # the uncommitted write is not seen
     assert store.search(-data[3], 1)[0].image == "/img/10003.jpg"  # the committed one is, at once
-    assert store._ensure_index().count() == store.count()[1] == 6300
+    assert store.live.index().count() == store.records.count()[1] == 6300
     store.close()
 
 
@@ -271,10 +274,10 @@ def test_a_writers_catch_up_lets_searches_in(tmp_path):
     step of the (real) index is slowed down: searches started during a long catch-up must finish
     long before it does, and once add() returns every image is searchable."""
     data, _ = clustered(6000)
-    store = CatalogDB(tmp_path, large_from=5000)
-    store.add(records(data))
+    store = Storage(tmp_path, large_from=5000)
+    store.records.add(records(data))
     assert store.search(data[0], 1)[0].image == "/img/0.jpg"
-    index = store._ensure_index()
+    index = store.live.index()
     stepping, real_add, steps = threading.Event(), index.add, [0]
 
     def slow_add(ids, vectors):
@@ -284,7 +287,7 @@ def test_a_writers_catch_up_lets_searches_in(tmp_path):
         steps[0] += 1
 
     index.add = slow_add
-    writer = threading.Thread(target=store.add, args=(records(-data[:2000], start=10_000),))  # > a step
+    writer = threading.Thread(target=store.records.add, args=(records(-data[:2000], start=10_000),))  # > a step
     writer.start()
     assert stepping.wait(30)  # committed; the catch-up has begun
     answers, spans = [], []
@@ -297,5 +300,5 @@ def test_a_writers_catch_up_lets_searches_in(tmp_path):
     assert catching_up and max(spans) <= 3, f"searches waited for many catch-up steps: {spans}"  # was 23-40
     assert [a[0].image for a in answers] == [f"/img/{n}.jpg" for n in range(5)]
     assert store.search(-data[3], 1)[0].image == "/img/10003.jpg"
-    assert store._ensure_index().count() == store.count()[1] == 8000
+    assert store.live.index().count() == store.records.count()[1] == 8000
     store.close()

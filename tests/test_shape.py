@@ -50,7 +50,7 @@ def test_the_pipeline_does_not_hand_out_its_parts_machinery():
     import lookalike.pipeline as pipeline
 
     exported = set(pipeline.__all__)
-    assert not exported & {"Encoder", "run_parallel", "safely", "learn_whitening", "CatalogDB", "LoadedModels"}
+    assert not exported & {"Encoder", "run_parallel", "safely", "learn_whitening", "Storage", "Records", "LoadedModels"}
     assert all(hasattr(pipeline, name) for name in exported)
 
 
@@ -59,14 +59,14 @@ def _source() -> dict[Path, str]:
 
 
 def test_shared_steps_exist_once():
-    """read -> hash (images.read_photo), SQLite set-up (catalog.connect), the progress bar (cli.Bars) and
+    """read -> hash (images.read_photo), SQLite set-up (records.connect), the progress bar (cli.Bars) and
     the stage adapter (encoder.stage): each in one place, used everywhere else."""
     src = _source()
 
     def where(pattern: str) -> list[str]:
         return sorted(str(p.relative_to(SRC)) for p, text in src.items() if re.search(pattern, text))
 
-    assert where(r"sqlite3\.connect\(") == ["catalog.py"]
+    assert where(r"sqlite3\.connect\(") == ["records.py"]
     assert where(r"hashlib\.sha256\((data|self\.data|photo|[a-z_]+\.read)") == ["images.py"]
     assert where(r"from tqdm import|import tqdm") == ["cli.py"]
     assert where(r"lambda done, total: progress\(") == ["encoder.py"]
@@ -130,3 +130,19 @@ def test_no_module_imports_one_that_imports_it():
 
     cycles = sorted(m for m in graph if m in reaches(m))
     assert not cycles, f"modules that import themselves through others: {cycles}"
+
+
+def test_no_class_holds_several_rooms():
+    """No class in src/lookalike is longer than 350 lines (issue 24: `CatalogDB` was 643, doing four
+    jobs); the catalog's storage is one module per job, each saying its job on its first line."""
+    long = []
+    for path in SRC.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > 350:
+                long.append(f"{path.relative_to(SRC)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, long
+    jobs = {"records": "records", "live_index": "live index", "filters": "filters", "storage": "storage"}
+    for module, job in jobs.items():
+        first = ast.get_docstring(ast.parse((SRC / f"{module}.py").read_text())).splitlines()[0]
+        assert job in first.lower(), f"{module}.py: {first}"
+    assert not (SRC / "catalog.py").exists()

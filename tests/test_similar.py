@@ -27,7 +27,7 @@ def test_more_like_this_everywhere(branded_catalog, tmp_path):
         everyone = cat.similar(product, k=10)
         nike = cat.similar(product, k=10, where={"brand": "nike"})
         # the same as searching with the mean of its stored vectors by hand, less the product itself
-        stored = cat.store.product_vectors(product)
+        stored = cat.records.product_vectors(product)
         assert len(stored) == len(cat.product(product)["images"]) == 3
         by_hand = [m.product_id for m in cat.search_vector(stored.mean(0) / np.linalg.norm(stored.mean(0)), k=6)]
         with pytest.raises(LookalikeError, match="no product 'nope'"):

@@ -23,7 +23,7 @@ TINY = {"views": "4", "epochs": "10", "tail_from": "14", "batch": "16", "dim": "
 
 def separation(cat: Catalog) -> float:
     """Mean cosine between photos of the same product minus mean cosine between different products."""
-    keys = sorted(cat.store.known())
+    keys = sorted(cat.records.known())
     vectors = np.stack([cat.embed(image) for _, image in keys])
     sim = vectors @ vectors.T
     same = np.array([[a[0] == b[0] for b in keys] for a in keys])
@@ -56,14 +56,14 @@ def test_tuning_separates_the_catalogs_products_better(tiny_catalog):
     moved = tiny_catalog.parent / "moved"
     shutil.move(tiny_catalog, moved)  # the tuned model travels with the catalog
     with Catalog.open(moved) as cat:
-        image = sorted(cat.store.known())[0]
+        image = sorted(cat.records.known())[0]
         top = cat.search(image[1], k=1).results[0]
         assert top.product_id == image[0] and top.score == pytest.approx(1.0, abs=1e-4)
 
 
 def test_stopping_tuning_half_way_leaves_the_catalog_as_it_was(tiny_catalog):
     with Catalog.open(tiny_catalog) as cat:
-        config, vectors = cat.info()["config"], cat.store.vectors().copy()
+        config, vectors = cat.info()["config"], cat.records.vectors().copy()
 
         def interrupt(stage: str, done: int, total: int | None) -> None:
             if stage == "re-embedding":
@@ -73,7 +73,7 @@ def test_stopping_tuning_half_way_leaves_the_catalog_as_it_was(tiny_catalog):
             cat.tune(TINY, progress=interrupt)
         assert cat.info()["config"] == config
     with Catalog.open(tiny_catalog) as cat:
-        assert cat.info()["config"] == config and np.array_equal(cat.store.vectors(), vectors)
+        assert cat.info()["config"] == config and np.array_equal(cat.records.vectors(), vectors)
     assert not list((tiny_catalog / "models").glob("*.onnx"))  # the unfinished model is not left behind
 
 
@@ -83,7 +83,7 @@ def test_a_tuned_embedder_is_quantized_the_same_way(tiny_catalog):
     with Catalog.open(tiny_catalog) as cat:
         cat.tune(TINY)
         tuned = cat.info()["config"]["embedder"]
-        keys = sorted(cat.store.known())
+        keys = sorted(cat.records.known())
         before = np.stack([cat.embed(image) for _, image in keys])
         made = cat.quantize(("embedder",))
         assert cat.info()["config"]["embedder"] != tuned and "int8-embedder" in made["embedder"]
@@ -110,7 +110,7 @@ def test_a_changed_model_file_is_refused_until_reindexed(tmp_path, sneaker_folde
     assert proc.returncode == 0 and "re-embedded 3 image(s)" in proc.stdout
     with Catalog.open(tmp_path / "cat") as cat:
         assert cat.search(items[1].image, k=1).results[0].product_id == items[1].product_id
-        recorded = json.loads(cat.store.get_meta("models"))
+        recorded = json.loads(cat.records.get_meta("models"))
         assert recorded["embedder"] == cat.encoder.model_fingerprints()["embedder"]
 
 
@@ -127,9 +127,9 @@ def test_a_catalog_that_recorded_file_hashes_keeps_working(tmp_path, sneaker_fol
         cat.index(items, source_name="test")
         fingerprints = cat.encoder.model_fingerprints()
         files = cat.encoder.model_files()
-        cat.store.set_meta("models", json.dumps({k: models.sha256_file(v) for k, v in files.items()}))
+        cat.records.set_meta("models", json.dumps({k: models.sha256_file(v) for k, v in files.items()}))
     with Catalog.open(tmp_path / "cat") as cat:
-        assert json.loads(cat.store.get_meta("models")) == fingerprints
+        assert json.loads(cat.records.get_meta("models")) == fingerprints
         # an earlier version of the same model beside it, in the folder's manifest (as v2 of the embedder
         # is beside v3 in a model cache): other bytes (no node names), the same computation
         import onnx
@@ -141,10 +141,10 @@ def test_a_catalog_that_recorded_file_hashes_keeps_working(tmp_path, sneaker_fol
         old_sha = models.sha256_file(tmp_path / "emb_v0.onnx")
         assert old_sha != models.sha256_file(embedder)
         (tmp_path / models.MANIFEST).write_text(json.dumps({"emb_v0.onnx": old_sha}))
-        cat.store.set_meta("models", json.dumps({**fingerprints, "embedder": old_sha}))
+        cat.records.set_meta("models", json.dumps({**fingerprints, "embedder": old_sha}))
     with Catalog.open(tmp_path / "cat") as cat:
-        assert json.loads(cat.store.get_meta("models")) == fingerprints
-        cat.store.set_meta("models", json.dumps({**fingerprints, "embedder": models.sha256_file(embedder)}))
+        assert json.loads(cat.records.get_meta("models")) == fingerprints
+        cat.records.set_meta("models", json.dumps({**fingerprints, "embedder": models.sha256_file(embedder)}))
     conv_embedder(embedder, pooled=False, seed=2)
     with pytest.raises(LookalikeError, match="reindex"):
         Catalog.open(tmp_path / "cat")
@@ -159,7 +159,7 @@ def test_tuning_through_the_api_reports_progress(tiny_catalog):
 
     auth = {"Authorization": "Bearer t"}
     with Catalog.open(tiny_catalog) as cat:
-        photo = open(sorted(cat.store.known())[0][1], "rb").read()
+        photo = open(sorted(cat.records.known())[0][1], "rb").read()
     with TestClient(create_app(tiny_catalog, ApiSettings(token="t"))) as client:
         assert client.post("/tune", json={"options": {"epochs": 2}}).status_code == 401
         assert client.post("/tune", headers=auth, json={"options": {"nope": 1}}).status_code == 400

@@ -8,9 +8,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lookalike.catalog import CatalogDB, ImageRecord
 from lookalike.encoder import Encoder, StageProgress, run_parallel, safely, stage
 from lookalike.prepare import absolute, prepare
+from lookalike.records import ImageRecord, Records
 from lookalike.results import IndexReport
 from lookalike.sources import Columns, Item, SourceProblem, iter_source, source_id
 from lookalike.uploads import Uploads
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 Key = tuple[str, str]  # (product id, image)
 
 
-def embed_source(store: CatalogDB, encoder: Encoder, source: str | Path | Iterable[Item], threads: int,
+def embed_source(records: Records, encoder: Encoder, source: str | Path | Iterable[Item], threads: int,
                  progress: StageProgress | None, prune: bool, dry_run: bool, source_name: str | None,
                  ray: RayRunner | None = None, columns: Columns | None = None,
                  ) -> tuple[IndexReport, list[Item], list[Key]]:  # fmt: skip
@@ -36,7 +36,7 @@ def embed_source(store: CatalogDB, encoder: Encoder, source: str | Path | Iterab
             (report.warnings if entry.warning else report.failed).append((entry.where, entry.reason))
         else:
             items.append(Item(entry.product_id, absolute(entry.image), entry.metadata))
-    known = store.known()
+    known = records.known()
     seen = {(it.product_id, it.image) for it in items}
     one = safely(lambda item: prepare(encoder, item, known, sid, embed=not dry_run))
     bar = stage(progress, "indexing")
@@ -59,24 +59,24 @@ def embed_source(store: CatalogDB, encoder: Encoder, source: str | Path | Iterab
             else:
                 report.failed.append((item.image, outcome))
         if not dry_run:
-            store.add([r for r in pending if r.vector is not None])
+            records.add([r for r in pending if r.vector is not None])
     if prune:
         report.pruned = sorted(k for k, (_, owner) in known.items() if owner in (sid, None) and k not in seen)
         report.removed = len(report.pruned)
     return report, items, claimed
 
 
-def settle(store: CatalogDB, report: IndexReport, items: list[Item], claimed: list[Key], uploads: Uploads) -> None:
+def settle(records: Records, report: IndexReport, items: list[Item], claimed: list[Key], uploads: Uploads) -> None:
     """After the photos are stored: claim the unchanged ones, bring product metadata up to date, drop
     what the source no longer lists (and uploads no product holds any more)."""
     if claimed:
-        store.claim(claimed, report.source)
+        records.claim(claimed, report.source)
     wanted: dict[str, dict] = {}
     for it in items:
         wanted.setdefault(it.product_id, it.metadata)
-    stored = store.products(list(wanted))
+    stored = records.products(list(wanted))
     changed = {p: m for p, m in wanted.items() if p in stored and stored[p] != m}
     if changed:
-        store.set_products(changed)
+        records.set_products(changed)
     if report.pruned:
-        uploads.forget(store.remove(images=report.pruned))
+        uploads.forget(records.remove(images=report.pruned))

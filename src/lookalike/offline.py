@@ -3,7 +3,7 @@
 Each photo takes a catalog image's path (one `Encoder`: read -> hash -> decode -> boxes -> crop ->
 vector), so what eval measures is what a catalog would hold. Vectors are cached by image content and a
 fingerprint of the config and model files, boxes by image content and detector, in one SQLite file
-(`catalog.connect`) that keeps the most recently written MAX_CACHED vectors.
+(`records.connect`) that keeps the most recently written MAX_CACHED vectors.
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lookalike.catalog import connect
 from lookalike.config import PipelineConfig
 from lookalike.detect import Box
 from lookalike.embed import learn_whitening
 from lookalike.encoder import Encoder, Progress, StageProgress, run_parallel, safely, stage
 from lookalike.errors import LookalikeError
 from lookalike.ranking import rank_labels
+from lookalike.records import connect
 
 MAX_CACHED = 500_000  # vectors kept in the eval cache (about 1 GB at 512 dimensions)
 

@@ -17,7 +17,6 @@ from PIL import Image
 
 from lookalike import indexing, models, prepare, rebuild
 from lookalike.boxes import BoxChoice
-from lookalike.catalog import CatalogDB, ImageRecord
 from lookalike.config import PipelineConfig
 from lookalike.detect import Box
 from lookalike.encoder import Encoder, Progress, Query, StageProgress
@@ -28,8 +27,10 @@ from lookalike.offline import Photos, default_cache, rank_products
 from lookalike.projection import Projection
 from lookalike.query import DEFAULT_RANK, Searcher
 from lookalike.ranking import RANKS
+from lookalike.records import ImageRecord
 from lookalike.results import IndexReport, Match, QueryInfo, SearchResult
 from lookalike.sources import Columns, Item
+from lookalike.storage import Storage
 from lookalike.uploads import Uploads
 
 # What the faces (CLI, app, API, eval) and Python users call; nothing below this module is theirs.
@@ -50,15 +51,15 @@ DUPLICATE_SCORE = 0.94
 class Catalog:
     """A searchable shoe catalog stored in one directory."""
 
-    def __init__(self, directory: Path, store: CatalogDB, config: PipelineConfig, threads: int = 2,
+    def __init__(self, directory: Path, store: Storage, config: PipelineConfig, threads: int = 2,
                  limits: Limits = DEFAULT_LIMITS):  # fmt: skip
-        self.store = store
+        self.store, self.records = store, store.records
         self.directory = Path(directory).resolve()
         self.threads = max(1, threads)
         self.limits = limits
         self._use(config)
-        self.uploads = Uploads(self.directory, store)
-        self.projection = Projection(store)
+        self.uploads = Uploads(self.directory, store.records)
+        self.projection = Projection(store.records, store.live)
         self.searcher = Searcher(store, self.projection, lambda: self.query_encoder)
 
     def _use(self, config: PipelineConfig) -> None:
@@ -81,7 +82,7 @@ class Catalog:
     def _follow(self) -> None:
         """Switch to the configuration recorded in the catalog if another process (or a tuning job)
         changed it, e.g. after `lookalike tune`: its vectors and its models go together."""
-        recorded = self.store.get_meta("config")
+        recorded = self.records.get_meta("config")
         if recorded and recorded != self.config.to_json():
             self._use(PipelineConfig.from_json(recorded))
         self.projection.follow()
@@ -102,8 +103,8 @@ class Catalog:
             )
         if store is not None:
             store_backend(store)  # refused by name before anything is made
-        db = CatalogDB(directory, store=store, **index_options)
-        recorded = db.get_meta("config")
+        db = Storage(directory, store=store, **index_options)
+        recorded = db.records.get_meta("config")
         stored = PipelineConfig.from_json(recorded) if recorded else None
         catalog = cls(directory, db, stored or config or PipelineConfig(), threads=threads, limits=limits)
         if stored is not None and config is not None and config != stored:
@@ -123,7 +124,7 @@ class Catalog:
         its vectors came from computes (`models.fingerprint`), and refuses to run with models that
         compute something else. Catalogs made before fingerprints recorded each file's sha256: when that
         still names the model (`models.recorded_as`), its fingerprint is recorded in its place."""
-        recorded = json.loads(self.store.get_meta("models") or "{}")
+        recorded = json.loads(self.records.get_meta("models") or "{}")
         if not recorded:
             return
         current = self.encoder.model_fingerprints()
@@ -141,17 +142,17 @@ class Catalog:
                 f"vectors with `lookalike reindex --catalog {self.directory}` (or restore that model file)"
             )
         if legacy:
-            self.store.set_meta("models", json.dumps({**recorded, **current}, sort_keys=True))
+            self.records.set_meta("models", json.dumps({**recorded, **current}, sort_keys=True))
 
     def _record_config(self) -> None:
         """Once the first image is stored: the config (0 spelled as the model's size) and the model files'
         hashes. Not before, so a catalog whose first run failed is not tied to that run's options."""
-        if self.store.get_meta("config") is None and self.store.count()[1]:
+        if self.records.get_meta("config") is None and self.records.count()[1]:
             sized = self.config.sized(self.encoder.models.embedder.size)
-            self.store.set_meta("config", sized.to_json())
+            self.records.set_meta("config", sized.to_json())
             self.config = sized  # the models already loaded are the same ones
-        if self.store.get_meta("models") is None and self.store.count()[1]:
-            self.store.set_meta("models", json.dumps(self.encoder.model_fingerprints(), sort_keys=True))
+        if self.records.get_meta("models") is None and self.records.count()[1]:
+            self.records.set_meta("models", json.dumps(self.encoder.model_fingerprints(), sort_keys=True))
 
     def close(self) -> None:
         self.store.close()
@@ -179,13 +180,13 @@ class Catalog:
             from lookalike.cluster import RayRunner
 
             runner = RayRunner(ray, workers)
-        report, items, claimed = indexing.embed_source(self.store, self.encoder, source, self.threads, progress,
+        report, items, claimed = indexing.embed_source(self.records, self.encoder, source, self.threads, progress,
                                                        prune, dry_run, source_name, runner, columns)  # fmt: skip
         if not dry_run:
             self._record_config()
-            indexing.settle(self.store, report, items, claimed, self.uploads)
+            indexing.settle(self.records, report, items, claimed, self.uploads)
             self.refresh_whitening()
-            self.store.flush()
+            self.store.live.flush()
         report.seconds = time.perf_counter() - t0
         return report
 
@@ -203,7 +204,7 @@ class Catalog:
             source_ = ImageSource.of(image)
             record.image = self.uploads.keep(photo) if source_.kind == "bytes" else prepare.absolute(source_)
             records.append(record)
-        self.uploads.forget(self.store.add(records, replace_products=[product_id]))
+        self.uploads.forget(self.records.add(records, replace_products=[product_id]))
         self._record_config()
         self.refresh_whitening()
         return self.product(product_id) or {}
@@ -213,7 +214,7 @@ class Catalog:
         """Adapt the embedder to this catalog (its photos, product ids as labels; see `tune.py`), save
         the tuned model inside the catalog and re-embed every image with it. The old vectors stay
         until the new ones are complete: stopping half-way (Ctrl-C) leaves the catalog as it was."""
-        report, model, size = rebuild.tuned_model(self.store, self.encoder, self.directory, options or {},
+        report, model, size = rebuild.tuned_model(self.records, self.encoder, self.directory, options or {},
                                                   self.threads, progress)  # fmt: skip
         config = replace(self.config, embedder=model.relative_to(self.directory).as_posix(), embed_size=size,
                          whiten=0)  # fmt: skip
@@ -225,7 +226,7 @@ class Catalog:
         """Run int8 versions of the catalog's models (`quantize.py`; a tuned embedder too), calibrated
         on this catalog's own photos and saved inside it, and re-embed every image with them; as with
         tuning, the old vectors serve searches until the new ones are complete."""
-        made = rebuild.int8_models(self.store, self.encoder, self.directory, tuple(which), progress)
+        made = rebuild.int8_models(self.records, self.encoder, self.directory, tuple(which), progress)
         config = replace(
             self.config, **{name: path.relative_to(self.directory).as_posix() for name, path in made.items()}
         )
@@ -258,7 +259,7 @@ class Catalog:
         """Embed every image with `config` beside the live vectors, then swap them all in one transaction;
         the catalog uses the new models only from then on."""
         encoder = Encoder(self._runtime(config), threads=1, limits=self.limits)
-        vectors = rebuild.embed_all(self.store, encoder, self.threads, progress)
+        vectors = rebuild.embed_all(self.records, encoder, self.threads, progress)
         meta = {"config": config.to_json(), "models": json.dumps(encoder.model_fingerprints(), sort_keys=True),
                 "whitening_fitted_on": "0"}  # fmt: skip
         self.store.replace_vectors(vectors, meta)
@@ -274,13 +275,13 @@ class Catalog:
     def migrate(self, store: str) -> dict:
         """Move the catalog's vectors to another store (`local`, `milvus://...`) without re-embedding:
         they are read from the catalog's database, checked, and the old store's copy deleted."""
-        before = self.store.index_name
-        moved = self.store.migrate(store)
-        return {"from": before, "to": store, "vectors": moved, "index": self.store.index_kind()}
+        before = self.store.live.store
+        moved = self.store.live.migrate(store)
+        return {"from": before, "to": store, "vectors": moved, "index": self.store.live.kind()}
 
     def remove(self, product_ids: list[str]) -> int:
         """Drop products with all their images (and their stored uploads); returns the images removed."""
-        removed = self.store.remove(products=product_ids)
+        removed = self.records.remove(products=product_ids)
         if removed:
             self.uploads.forget(removed)
             self.refresh_whitening()
@@ -354,26 +355,26 @@ class Catalog:
     # -- information --------------------------------------------------------------------------
     def product(self, product_id: str) -> dict | None:
         """A product's metadata and images, or None."""
-        found = self.store.product(product_id)
+        found = self.records.product(product_id)
         if found is None:
             return None
         return {"product_id": product_id, "metadata": found[0], "images": found[1]}
 
     def metadata_values(self, max_values: int = 50) -> dict[str, list[str]]:
         """Distinct metadata values per key, for filter menus (keys with too many values left out)."""
-        return self.store.metadata_values(max_values)
+        return self.store.filters.values(max_values)
 
     def examples(self, n: int = 6) -> list[tuple[str, str]]:
         """A few (product_id, image) pairs spread over the catalog, to try a search with."""
-        return self.store.sample(n)
+        return self.records.sample(n)
 
     def duplicates(self, threshold: float = DUPLICATE_SCORE, progress: Progress | None = None) -> list[dict]:
         """Pairs of photos of two different products that are near-identical (score >= threshold):
         a common catalog error (one photo under two products). Each image's nearest neighbours, as
         the index scores them; the best pair per two products, highest first."""
         best: dict[tuple[str, str], dict] = {}
-        total = self.store.count()[1]
-        for n, (product_id, image, vector) in enumerate(self.store.each_image(), 1):
+        total = self.records.count()[1]
+        for n, (product_id, image, vector) in enumerate(self.records.each_image(), 1):
             for hit in self.store.search(vector, 5):
                 if hit.product_id == product_id or hit.score < threshold:
                     continue
@@ -385,14 +386,14 @@ class Catalog:
         return sorted(best.values(), key=lambda d: (-d["score"], d["products"]))
 
     def info(self) -> dict:
-        products, images = self.store.count()
+        products, images = self.records.count()
         return {
             "products": products,
             "images": images,
-            "dim": self.store.dim,
-            "search_dim": self.projection.dim(self.store.dim),
-            "index": self.store.index_kind(),
-            "store": self.store.index_name,
+            "dim": self.records.dim,
+            "search_dim": self.projection.dim(self.records.dim),
+            "index": self.store.live.kind(),
+            "store": self.store.live.store,
             "config": json.loads(self.config.to_json()),
         }
 
@@ -406,9 +407,9 @@ def store_similarity(store: str, gallery: np.ndarray, queries: np.ndarray, exclu
 
     sim = np.full((len(queries), len(gallery)), -np.inf, dtype=np.float32)
     with tempfile.TemporaryDirectory(prefix="lookalike-eval-") as tmp:
-        db = CatalogDB(tmp, store=store)
+        db = Storage(tmp, store=store)
         try:
-            db.add([ImageRecord("g", f"g/{i}", "0" * 64, v) for i, v in enumerate(gallery)])
+            db.records.add([ImageRecord("g", f"g/{i}", "0" * 64, v) for i, v in enumerate(gallery)])
             for q, vector in enumerate(queries):
                 for hit in db.search(vector, min(k + 1, len(gallery))):
                     g = int(hit.image.rsplit("/", 1)[1])

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lookalike.catalog import ImageRecord
 from lookalike.encoder import Encoder
 from lookalike.images import ImageSource, Photo
+from lookalike.records import ImageRecord
 from lookalike.sources import Item
 
 

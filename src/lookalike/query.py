@@ -13,13 +13,13 @@ from PIL import Image
 
 from lookalike.boxes import BoxChoice
 from lookalike.calibration import no_match_score
-from lookalike.catalog import CatalogDB
 from lookalike.encoder import Encoder, Query
 from lookalike.errors import LookalikeError
 from lookalike.images import ImageInput
 from lookalike.projection import Projection
 from lookalike.ranking import check_rank, product_score
 from lookalike.results import Match, QueryInfo, SearchResult
+from lookalike.storage import Storage
 
 DEFAULT_RANK = "best"  # chosen on the benchmark suites (BENCHMARKS.md)
 
@@ -28,15 +28,15 @@ class Searcher:
     """Searches one catalog's store with the query encoder it is handed (the catalog swaps it after
     tuning; see `Catalog._follow`)."""
 
-    def __init__(self, store: CatalogDB, projection: Projection, encoder: Callable[[], Encoder]):
+    def __init__(self, store: Storage, projection: Projection, encoder: Callable[[], Encoder]):
         self.store, self.projection, self.encoder = store, projection, encoder
         self._threshold: tuple[tuple, float | None] = ((), None)
 
     def threshold(self) -> float | None:
         """This catalog's no-match threshold (`calibration.py`), learned again when the catalog grew or
         shrank by a fifth or its vectors' space changed (a projection, tuning)."""
-        images = self.store.searchable()
-        key = (int(np.log(max(images, 1)) / np.log(1.2)), self.projection.version, self.store.dim)
+        images = self.store.live.count()
+        key = (int(np.log(max(images, 1)) / np.log(1.2)), self.projection.version, self.store.records.dim)
         if self._threshold[0] != key:
             vectors, labels = self.store.sample_vectors(5000)
             self._threshold = key, no_match_score(vectors, labels) if len(vectors) else None
@@ -84,7 +84,7 @@ class Searcher:
         """More like this: the products nearest a catalog product, searched with the mean of its stored
         vectors (no photo, no re-embedding); the product itself is left out."""
         t0 = time.perf_counter()
-        vectors = self.store.product_vectors(product_id)
+        vectors = self.store.records.product_vectors(product_id)
         if not len(vectors):
             raise LookalikeError(f"no product {product_id!r} in the catalog")
         mean = vectors.mean(axis=0)
@@ -115,6 +115,6 @@ class Searcher:
             n *= 4
         scored = sorted(((product_score([h.score for h in g], rank), g[0]) for g in groups.values()),
                         key=lambda pair: -pair[0])[:k]  # fmt: skip
-        metadata = self.store.products([h.product_id for _, h in scored])
+        metadata = self.store.records.products([h.product_id for _, h in scored])
         best = max((h.score for h in hits), default=None)
         return [Match(h.product_id, score, h.image, metadata.get(h.product_id, {})) for score, h in scored], best

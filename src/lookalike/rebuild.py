@@ -13,19 +13,19 @@ from typing import Any
 
 import numpy as np
 
-from lookalike.catalog import CatalogDB
 from lookalike.encoder import Encoder, StageProgress, run_parallel, safely, stage
 from lookalike.errors import LookalikeError
+from lookalike.records import Records
 
 
-def tuned_model(store: CatalogDB, encoder: Encoder, directory: Path, options: dict[str, str],
+def tuned_model(records: Records, encoder: Encoder, directory: Path, options: dict[str, str],
                 threads: int, progress: StageProgress | None) -> tuple[dict, Path, int]:  # fmt: skip
     """Train an embedder on the catalog's crops (product ids as labels; `tune.py`) and save it under
     the catalog's models/ folder, named by its hash. Returns (training report, model file, input size)."""
     from lookalike.tune import options_from_text, tune_model
 
     tune_options = options_from_text(options, size=encoder.models.embedder.size)
-    keys = sorted(store.known())
+    keys = sorted(records.known())
     if len({p for p, _ in keys}) < 2:
         raise LookalikeError(f"{directory}: tuning needs a catalog with at least 2 products")
     crop = safely(lambda key: encoder.crop(encoder.load(key[1])))
@@ -57,7 +57,7 @@ def _saved(directory: Path, prefix: str, write: Callable[[Path], Any]) -> tuple[
     return result, final
 
 
-def int8_models(store: CatalogDB, encoder: Encoder, directory: Path, which: tuple[str, ...],
+def int8_models(records: Records, encoder: Encoder, directory: Path, which: tuple[str, ...],
                 progress: StageProgress | None) -> dict[str, Path]:  # fmt: skip
     """int8 versions of the models the catalog runs now (`quantize.py`), calibrated on up to
     CALIBRATION_IMAGES of its own photos spread over it, saved under models/ named by their hash."""
@@ -71,7 +71,7 @@ def int8_models(store: CatalogDB, encoder: Encoder, directory: Path, which: tupl
     for name in which:
         if "lookalike.int8_of" in onnx_metadata(loaded[name].session):
             raise LookalikeError(f"{directory}: its {name} is int8 already ({encoder.model_files()[name]})")
-    keys = sorted(store.known())
+    keys = sorted(records.known())
     picked = keys[:: max(1, len(keys) // CALIBRATION_IMAGES)][:CALIBRATION_IMAGES]
     inputs: dict[str, list[np.ndarray]] = {"detector": [], "embedder": []}
     report = stage(progress, "calibration photos")
@@ -100,7 +100,7 @@ def int8_models(store: CatalogDB, encoder: Encoder, directory: Path, which: tupl
 Rebuilt = dict[tuple[str, str], tuple[np.ndarray, str, dict | None]]  # (product, image) -> (vector, crop, box)
 
 
-def embed_all(store: CatalogDB, encoder: Encoder, threads: int, progress: StageProgress | None) -> Rebuilt:
+def embed_all(records: Records, encoder: Encoder, threads: int, progress: StageProgress | None) -> Rebuilt:
     """Every catalog image embedded with `encoder`. An image
     that can no longer be read stops the rebuild (the catalog must not keep vectors of two models)."""
 
@@ -109,7 +109,7 @@ def embed_all(store: CatalogDB, encoder: Encoder, threads: int, progress: StageP
         return out.vector, out.crop.path, out.crop.box.to_dict() if out.crop.box else None
 
     vectors, failed = {}, []
-    for batch in run_parallel(safely(embed), sorted(store.known()), threads, stage(progress, "re-embedding")):
+    for batch in run_parallel(safely(embed), sorted(records.known()), threads, stage(progress, "re-embedding")):
         for key, out in batch:
             (failed.append(key) if isinstance(out, str) else vectors.__setitem__(key, out))
     if failed:

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lookalike.catalog import CatalogDB
 from lookalike.files import replace_atomically
 from lookalike.images import Photo
+from lookalike.records import Records
 
 
 class Uploads:
-    def __init__(self, directory: Path, store: CatalogDB):
-        self.folder, self.store = directory / "uploads", store
+    def __init__(self, directory: Path, records: Records):
+        self.folder, self.records = directory / "uploads", records
 
     def keep(self, photo: Photo) -> str:
         """The stored file of an upload, written once (fsynced, then renamed into place)."""
@@ -27,5 +27,5 @@ class Uploads:
         """Delete stored uploads that no product has any more. Runs after the database commit: a crash
         in between leaves a stray file, never a product without its image."""
         ours = [i for i in images if Path(i).parent.parent == self.folder]
-        for path in set(ours) - self.store.images_in_use(ours):
+        for path in set(ours) - self.records.images_in_use(ours):
             Path(path).unlink(missing_ok=True)

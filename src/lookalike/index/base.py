@@ -1,5 +1,5 @@
 """The interface every vector index backend implements, FiftyOne-style: vectors by integer id, nothing
-else. Records, metadata and the source of truth stay in SQLite (`catalog.py`); a backend can always be
+else. Records, metadata and the source of truth stay in SQLite (`records.py`); a backend can always be
 rebuilt from it, so it only adds, removes and searches."""
 
 from __future__ import annotations

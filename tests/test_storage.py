@@ -1,4 +1,5 @@
-"""Catalog records: SQLite is the truth, a VectorIndex backend (FAISS by default, exact or HNSW) the index."""
+"""A catalog's storage: SQLite records are the truth, a VectorIndex backend (FAISS by default, exact or
+HNSW) the index."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import sqlite3
 import numpy as np
 import pytest
 
-from lookalike.catalog import DB_NAME, SCHEMA_VERSION, CatalogDB, ImageRecord
 from lookalike.errors import LookalikeError
+from lookalike.records import DB_NAME, SCHEMA_VERSION, ImageRecord
+from lookalike.storage import Storage
 
 
 def unit(v):
@@ -26,9 +28,11 @@ def test_add_search_remove_persist(tmp_path):
     rng = np.random.default_rng(0)
     vecs = unit(rng.normal(size=(20, 16)))
     products = [f"p{i % 5}" for i in range(20)]
-    store = CatalogDB(tmp_path)
-    store.add(records(vecs, products, {"p1": {"brand": "Nike"}, "p2": {"brand": "nike"}, "p3": {"brand": "Vans"}}))
-    assert store.count() == (5, 20)
+    store = Storage(tmp_path)
+    store.records.add(
+        records(vecs, products, {"p1": {"brand": "Nike"}, "p2": {"brand": "nike"}, "p3": {"brand": "Vans"}})
+    )
+    assert store.records.count() == (5, 20)
     hits = store.search(vecs[7], 3)
     assert hits[0].image == "/img/p2/7.jpg" and hits[0].score == pytest.approx(1.0, abs=1e-5)
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
@@ -36,48 +40,48 @@ def test_add_search_remove_persist(tmp_path):
     assert {h.product_id for h in nike} == {"p1", "p2"} and len(nike) == 8
     assert store.search(vecs[3], 5, where={"brand": "Puma"}) == []
 
-    assert len(store.remove(products=["p2"])) == 4
-    assert store.count() == (4, 16)
+    assert len(store.records.remove(products=["p2"])) == 4
+    assert store.records.count() == (4, 16)
     assert all(h.product_id != "p2" for h in store.search(vecs[7], 20))
     # replacing an image keeps one row for it
-    store.add([ImageRecord("p1", "/img/p1/1.jpg", "new", vecs[0], "whole", None, {})])
-    assert store.count() == (4, 16)
-    assert store.known()[("p1", "/img/p1/1.jpg")][0] == "new"
+    store.records.add([ImageRecord("p1", "/img/p1/1.jpg", "new", vecs[0], "whole", None, {})])
+    assert store.records.count() == (4, 16)
+    assert store.records.known()[("p1", "/img/p1/1.jpg")][0] == "new"
     store.close()
 
-    reopened = CatalogDB(tmp_path)
-    assert reopened.count() == (4, 16) and reopened.dim == 16
+    reopened = Storage(tmp_path)
+    assert reopened.records.count() == (4, 16) and reopened.records.dim == 16
     assert reopened.search(vecs[0], 2)[0].score == pytest.approx(1.0, abs=1e-5)
 
 
 def test_an_empty_catalog_can_be_searched_then_filled(tmp_path):
-    store = CatalogDB(tmp_path)
-    assert store.search(unit(np.ones(8)), 3) == [] and store.index_kind() == "exact"  # before any vector
-    store.add(records(unit(np.eye(8)[:3] + 0.1), ["a", "b", "c"]))
+    store = Storage(tmp_path)
+    assert store.search(unit(np.ones(8)), 3) == [] and store.live.kind() == "exact"  # before any vector
+    store.records.add(records(unit(np.eye(8)[:3] + 0.1), ["a", "b", "c"]))
     assert store.search(unit(np.eye(8)[1] + 0.1), 1)[0].product_id == "b"
 
 
 def test_dimension_is_enforced(tmp_path):
-    store = CatalogDB(tmp_path)
-    store.add(records(unit(np.ones((1, 8))), ["a"]))
+    store = Storage(tmp_path)
+    store.records.add(records(unit(np.ones((1, 8))), ["a"]))
     with pytest.raises(LookalikeError, match="vector size"):
-        store.add(records(unit(np.ones((1, 4))), ["b"]))
-    assert store.count() == (1, 1)
+        store.records.add(records(unit(np.ones((1, 4))), ["b"]))
+    assert store.records.count() == (1, 1)
 
 
 def test_newer_schema_is_refused(tmp_path):
-    CatalogDB(tmp_path).close()
+    Storage(tmp_path).close()
     db = sqlite3.connect(tmp_path / DB_NAME)
     db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
     db.close()
     with pytest.raises(LookalikeError, match="newer"):
-        CatalogDB(tmp_path)
+        Storage(tmp_path)
 
 
 def test_not_a_database(tmp_path):
     (tmp_path / DB_NAME).write_bytes(b"garbage" * 100)
     with pytest.raises(LookalikeError, match="not a readable catalog"):
-        CatalogDB(tmp_path)
+        Storage(tmp_path)
 
 
 def test_hnsw_recall_against_exact(tmp_path):
@@ -87,30 +91,30 @@ def test_hnsw_recall_against_exact(tmp_path):
     data = unit(centers[rng.integers(0, 200, 6000)] + 0.35 * rng.normal(size=(6000, 64)))
     queries = unit(centers[rng.integers(0, 200, 200)] + 0.35 * rng.normal(size=(200, 64)))
     products = [f"p{i}" for i in range(len(data))]
-    exact = CatalogDB(tmp_path / "exact", large_from=10**9)
-    hnsw = CatalogDB(tmp_path / "hnsw", large_from=1000, large="hnsw")
+    exact = Storage(tmp_path / "exact", large_from=10**9)
+    hnsw = Storage(tmp_path / "hnsw", large_from=1000, large="hnsw")
     for s in (exact, hnsw):
-        s.add(records(data, products))
-    assert exact.index_kind() == "exact" and hnsw.index_kind() == "hnsw"
+        s.records.add(records(data, products))
+    assert exact.live.kind() == "exact" and hnsw.live.kind() == "hnsw"
     recall = np.mean(
         [len({h.image for h in exact.search(q, 10)} & {h.image for h in hnsw.search(q, 10)}) / 10 for q in queries]
     )
     assert recall >= 0.98
-    hnsw.flush()
+    hnsw.live.flush()
     assert len(list((tmp_path / "hnsw").glob("index-*.faiss"))) == 1
-    again = CatalogDB(tmp_path / "hnsw", large_from=1000, large="hnsw")
+    again = Storage(tmp_path / "hnsw", large_from=1000, large="hnsw")
     assert [h.image for h in again.search(queries[0], 10)] == [h.image for h in hnsw.search(queries[0], 10)]
     # HNSW cannot delete in place: a removed image is filtered out at once, without a rebuild
-    index = hnsw._ensure_index()
+    index = hnsw.live.index()
     top = hnsw.search(queries[0], 1)[0]
-    hnsw.remove(images=[(top.product_id, top.image)])
-    assert hnsw._ensure_index() is index and index.count() == len(data) - 1
+    hnsw.records.remove(images=[(top.product_id, top.image)])
+    assert hnsw.live.index() is index and index.count() == len(data) - 1
     assert top.image not in {h.image for h in hnsw.search(queries[0], 10)}
     assert len(hnsw.search(queries[0], 10, where=None)) == 10
 
 
 def test_migrates_a_version_1_catalog(tmp_path):
-    from lookalike.catalog import MIGRATIONS
+    from lookalike.records import MIGRATIONS
 
     db = sqlite3.connect(tmp_path / DB_NAME)
     for stmt in MIGRATIONS[1]:
@@ -124,16 +128,16 @@ def test_migrates_a_version_1_catalog(tmp_path):
     db.execute("PRAGMA user_version=1")
     db.commit()
     db.close()
-    store = CatalogDB(tmp_path)
-    assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
-    assert store.count() == (1, 1)
+    store = Storage(tmp_path)
+    assert store.records.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+    assert store.records.count() == (1, 1)
     assert store.search(unit(np.ones(4)), 1)[0].image == str(tmp_path.resolve() / "a.jpg")  # relative = in the catalog
 
 
 def test_v3_migration_makes_uploads_catalog_relative(tmp_path):
     """Catalogs made before v3 stored uploads by the server's working directory (point 5 of issue 9):
     after the migration they are found from anywhere, and belong to the API."""
-    from lookalike.catalog import MIGRATIONS
+    from lookalike.records import MIGRATIONS
 
     sha = "ab" + "0" * 62
     db = sqlite3.connect(tmp_path / DB_NAME)
@@ -149,11 +153,11 @@ def test_v3_migration_makes_uploads_catalog_relative(tmp_path):
     db.execute("PRAGMA user_version=2")
     db.commit()
     db.close()
-    store = CatalogDB(tmp_path)
-    assert store.product("p")[1] == [str(tmp_path.resolve() / "uploads" / "ab" / sha)]
-    assert store.product("q")[1] == ["/data/shoes/q.jpg"]
-    assert store.known()[("p", str(tmp_path.resolve() / "uploads" / "ab" / sha))][1] == "api"
-    assert store.known()[("q", "/data/shoes/q.jpg")][1] is None  # legacy: owned by whichever source lists it
+    store = Storage(tmp_path)
+    assert store.records.product("p")[1] == [str(tmp_path.resolve() / "uploads" / "ab" / sha)]
+    assert store.records.product("q")[1] == ["/data/shoes/q.jpg"]
+    assert store.records.known()[("p", str(tmp_path.resolve() / "uploads" / "ab" / sha))][1] == "api"
+    assert store.records.known()[("q", "/data/shoes/q.jpg")][1] is None  # legacy: owned by whichever source lists it
 
 
 def test_learned_projection_applies_to_index_and_queries(tmp_path):
@@ -161,23 +165,23 @@ def test_learned_projection_applies_to_index_and_queries(tmp_path):
 
     rng = np.random.default_rng(3)
     vecs = unit(rng.normal(size=(300, 32)) * np.linspace(3, 0.1, 32))  # strongly anisotropic
-    store = CatalogDB(tmp_path)
-    store.add(records(vecs, [f"p{i}" for i in range(300)]))
+    store = Storage(tmp_path)
+    store.records.add(records(vecs, [f"p{i}" for i in range(300)]))
     raw_top = [h.image for h in store.search(vecs[5], 5)]
-    whitening = Whitening.fit(store.vectors(), 8, power=0.5)
-    store.set_projection((whitening.mean, whitening.matrix))
-    store.set_transform(whitening)  # stored vectors and queries are mapped alike
-    assert store._ensure_index().index.d == 8
+    whitening = Whitening.fit(store.records.vectors(), 8, power=0.5)
+    store.records.set_projection((whitening.mean, whitening.matrix))
+    store.live.set_transform(whitening)  # stored vectors and queries are mapped alike
+    assert store.live.index().index.d == 8
     hits = store.search(vecs[5], 5)
     assert hits[0].image == raw_top[0] and hits[0].score == pytest.approx(1.0, abs=1e-5)
-    store.add(records(vecs[:1] * -1, ["new"]))  # added after: mapped on the way in
+    store.records.add(records(vecs[:1] * -1, ["new"]))  # added after: mapped on the way in
     assert store.search(-vecs[0], 1)[0].product_id == "new"
     store.close()
-    again = CatalogDB(tmp_path)  # the projection persists
-    version, arrays = again.projection()
+    again = Storage(tmp_path)  # the projection persists
+    version, arrays = again.records.projection()
     assert version is not None and np.array_equal(arrays[1], whitening.matrix)
-    again.set_projection(None)
-    assert again.projection()[1] is None and again.projection()[0] != version
+    again.records.set_projection(None)
+    assert again.records.projection()[1] is None and again.records.projection()[0] != version
 
 
 class BruteForce:
@@ -221,11 +225,11 @@ def test_a_second_backend_is_one_registry_entry(tmp_path, monkeypatch):
     vecs = unit(rng.normal(size=(30, 8)))
     products = [f"p{i % 6}" for i in range(30)]
     meta = {"p1": {"brand": "nike"}}
-    store, reference = CatalogDB(tmp_path / "a", store="numpy"), CatalogDB(tmp_path / "b")
+    store, reference = Storage(tmp_path / "a", store="numpy"), Storage(tmp_path / "b")
     for s in (store, reference):
-        s.add(records(vecs, products, meta))
-        s.remove(products=["p2"])
-    assert store.index_kind() == "numpy" and reference.index_kind() == "exact"
+        s.records.add(records(vecs, products, meta))
+        s.records.remove(products=["p2"])
+    assert store.live.kind() == "numpy" and reference.live.kind() == "exact"
     for q in vecs[:5]:
         assert [h.image for h in store.search(q, 7)] == [h.image for h in reference.search(q, 7)]
         assert [h.image for h in store.search(q, 7, {"brand": "NIKE"})] == [
