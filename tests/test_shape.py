@@ -67,6 +67,9 @@ def test_shared_steps_exist_once():
         return sorted(str(p.relative_to(SRC)) for p, text in src.items() if re.search(pattern, text))
 
     assert where(r"sqlite3\.connect\(") == ["records.py"]
+    # the catalog's rows are written in one place (issue 24); the filters and the live index only read
+    catalog_tables = r"(products|images|meta|projection|image_terms|image_log)\b"
+    assert where(rf"(INSERT INTO|UPDATE|DELETE FROM|CREATE TABLE) {catalog_tables}") == ["records.py"]
     assert where(r"hashlib\.sha256\((data|self\.data|photo|[a-z_]+\.read)") == ["images.py"]
     assert where(r"from tqdm import|import tqdm") == ["cli.py"]
     assert where(r"lambda done, total: progress\(") == ["encoder.py"]

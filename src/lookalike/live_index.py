@@ -15,7 +15,8 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -123,9 +124,7 @@ class LiveIndex:
         """(image id, score) of the top k for a query vector (as embedded: mapped here by the transform
         the index was built with); `allowed(version)`: only among the ids it gives for the records'
         version the index is in line with."""
-        with self._searching_guard:
-            self._searching += 1
-        try:
+        with self.searching():
             self.catch_up(steps=1)
             with self.lock:
                 index = self.index()
@@ -144,6 +143,15 @@ class LiveIndex:
                         return []
                 found, scores = index.search(vector.reshape(1, -1), k, ids)
                 return [(int(i), float(s)) for i, s in zip(found, scores, strict=True)]
+
+    @contextmanager
+    def searching(self) -> Iterator[None]:
+        """A search in progress, for as long as it reads (its rows included): a writer's catch-up lets
+        it finish between two steps instead of making it wait for the next one."""
+        with self._searching_guard:
+            self._searching += 1
+        try:
+            yield
         finally:
             with self._searching_guard:
                 self._searching -= 1

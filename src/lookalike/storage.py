@@ -44,7 +44,8 @@ class Storage:
         """Top-k images for a query vector (as embedded), optionally only of products whose metadata
         match every filter of `where`."""
         allowed = (lambda version: self.filters.allowed(where, version)) if where else None
-        return self.records.hits(self.live.search(vector, k, allowed))
+        with self.live.searching():  # the rows too: a writer's next catch-up step waits for them
+            return self.records.hits(self.live.search(vector, k, allowed))
 
     def sample_vectors(self, n: int, seed: int = 0) -> tuple[np.ndarray, list[str]]:
         """Up to n images' vectors as the index holds them (mapped) and their products."""
