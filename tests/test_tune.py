@@ -61,6 +61,23 @@ def test_tuning_separates_the_catalogs_products_better(tiny_catalog):
         assert top.product_id == image[0] and top.score == pytest.approx(1.0, abs=1e-4)
 
 
+def test_tuning_learns_from_feedback_photos_cropped_as_searched(tiny_catalog, sneaker_folder, tmp_path):
+    """Clicks on logged searches and imported labelled photos are tuning data; feedback on a product
+    removed since is left out; with none, tuning runs as before (the test above)."""
+    products = sorted(sneaker_folder.iterdir())[:5]
+    with Catalog.open(tiny_catalog) as cat:
+        cat.log.keep(7)
+        for product in products[:3]:
+            result = cat.search(sorted(product.glob("*.jpg"))[5], k=4, log=True)  # a photo the catalog lacks
+            cat.feedback(result.search_id, result.results[0].product_id, "click")
+        manifest = tmp_path / "reviews.csv"
+        manifest.write_text(f"photo,product_id\n{sorted(products[3].glob('*.jpg'))[6]},{products[3].name}\n")
+        assert cat.import_feedback(manifest).imported == 1
+        cat.remove([products[3].name])
+        report = cat.tune(TINY)
+    assert report["feedback_photos"] == 3 and report["images"] == 12 + 3  # the removed product's photo left out
+
+
 def test_stopping_tuning_half_way_leaves_the_catalog_as_it_was(tiny_catalog):
     with Catalog.open(tiny_catalog) as cat:
         config, vectors = cat.info()["config"], cat.records.vectors().copy()

@@ -273,6 +273,35 @@ def show_results(cat: Catalog, result: SearchResult, row: str = "", columns: int
             if st.button("More like this", key=f"more_{row}{rank}"):  # the product's stored vectors, no photo
                 st.session_state["similar"] = match.product_id
                 st.rerun()
+            if "similar" not in st.session_state and st.button("This is it", key=f"this_{row}{rank}"):
+                this_is_it(cat, result, match.product_id)
+
+
+def this_is_it(cat: Catalog, result: SearchResult, product_id: str) -> None:
+    """The shopper's confirmation, kept as a click on this search when the catalog keeps its searches."""
+    if result.search_id is None:
+        st.toast("Thanks. (Not recorded: this catalog's search log is off.)")
+        return
+    try:
+        cat.feedback(result.search_id, product_id, "click")
+        st.toast(f"Thanks: {product_id} recorded as the shoe in this photo.")
+    except LookalikeError as e:
+        st.toast(str(e))
+
+
+def logged_search(cat: Catalog, query: Query, **asked) -> SearchResult:
+    """A search, kept by the search log (when on) once: Streamlit runs the page again on every click,
+    and the same search run again keeps its first search_id rather than logging a copy."""
+    if st.session_state.get("logged_for") != id(query):  # only this photo's searches are remembered
+        st.session_state["logged_for"], st.session_state["logged"] = id(query), {}
+    key = repr(sorted((k, repr(v)) for k, v in asked.items()))
+    logged = st.session_state["logged"]
+    result = cat.search(query, **asked, log=key not in logged)
+    if key in logged:
+        result.search_id = logged[key]
+    elif result.search_id is not None:
+        logged[key] = result.search_id
+    return result
 
 
 def show_every_shoe(cat: Catalog, query: Query, k: int, where: dict | None, min_score: float | None) -> None:
@@ -280,8 +309,8 @@ def show_every_shoe(cat: Catalog, query: Query, k: int, where: dict | None, min_
     for n, box in enumerate(query.boxes):
         st.markdown(f"**Shoe {n + 1}** · {html.escape(box.label)} {box.score:.2f}")
         try:
-            result = cat.search(query, k=min(k, 2 * COLUMNS), where=where, box=BoxChoice.detected(n),
-                                min_score=min_score)  # fmt: skip
+            result = logged_search(cat, query, k=min(k, 2 * COLUMNS), where=where, box=BoxChoice.detected(n),
+                                   min_score=min_score)  # fmt: skip
         except LookalikeError as e:
             st.error(str(e))
             continue
@@ -350,7 +379,7 @@ def main() -> None:
         every = len(query.boxes) > 1 and st.checkbox(f"Search every shoe ({len(query.boxes)}), a row each",
                                                      key="every_shoe")  # fmt: skip
         try:
-            result = None if every else cat.search(query, k=k, where=where, box=box, min_score=min_score)
+            result = None if every else logged_search(cat, query, k=k, where=where, box=box, min_score=min_score)
         except LookalikeError as e:
             st.error(str(e))
             return

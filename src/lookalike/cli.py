@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from datetime import UTC
 from pathlib import Path
 
 from lookalike.errors import LookalikeError
@@ -173,6 +174,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
 
 def cmd_app(args: argparse.Namespace) -> int:
     Catalog.open(args.catalog).close()  # a wrong path fails here, with one line
+    _keep_searches(args.catalog, args.keep_searches, "app")
     try:
         import streamlit  # noqa: F401
     except ImportError:
@@ -202,7 +204,89 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )  # fmt: skip
     if settings.token is None:
         print("lookalike serve: no LOOKALIKE_API_TOKEN: write endpoints are off", file=sys.stderr)
+    _keep_searches(args.catalog, args.keep_searches, "serve")
     serve(args.catalog, args.host, args.port, settings)
+    return 0
+
+
+def _keep_searches(catalog: str, days: int | None, face: str) -> None:
+    """`serve`/`app --keep-searches DAYS`: the catalog's search log setting, said out loud at start."""
+    with Catalog.open(catalog, check_models=False) as cat:
+        if days is not None:
+            cat.log.keep(days)
+        kept = cat.log.keep_days()
+    if kept:
+        print(f"lookalike {face}: shoppers' searches are kept for {kept} days (personal data; "
+              f"`lookalike searches purge --catalog {catalog} --all` deletes them)", file=sys.stderr)  # fmt: skip
+
+
+def _when(text: str | None) -> float | None:
+    """A --before date (YYYY-MM-DD, UTC) or date and time (ISO 8601) -> a timestamp."""
+    if text is None:
+        return None
+    from datetime import datetime
+
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise LookalikeError(f"--before {text!r}: expected a date, YYYY-MM-DD (or YYYY-MM-DDTHH:MM)") from None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
+def cmd_searches(args: argparse.Namespace) -> int:
+    from datetime import datetime
+
+    stamp = lambda t: datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S")  # noqa: E731
+    with Catalog.open(args.catalog, check_models=False) as cat:
+        if args.action == "keep":
+            cat.log.keep(args.days)
+            print(f"searches kept for {args.days} days" if args.days else "search log off: no new search is kept")
+            return 0
+        if args.action == "purge":
+            if (args.before is None) == (not args.all):
+                raise LookalikeError("purge needs --before DATE or --all")
+            gone = cat.log.purge(None if args.all else _when(args.before))
+            print(f"deleted {gone} search(es), their feedback and photos")
+            return 0
+        kept = cat.log.searches(_when(args.before))
+    if args.action == "list":
+        for s in kept:
+            top = s["results"][0]["product_id"] if s["results"] else "no match"
+            clicked = ",".join(f"{f['kind']}:{f['product_id']}" for f in s["feedback"]) or "-"
+            print(f"{s['search_id']}\t{stamp(s['at'])}\t{len(s['results'])} results\ttop {top}\t{clicked}")
+        print(f"{len(kept)} search(es) kept", file=sys.stderr)
+        return 0
+    out = open(args.out, "w") if args.out else sys.stdout  # noqa: SIM115
+    for s in kept:
+        out.write(json.dumps({**s, "at": stamp(s["at"])}) + "\n")
+    if args.out:
+        out.close()
+        print(f"{len(kept)} search(es) written to {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_feedback(args: argparse.Namespace) -> int:
+    with Catalog.open(args.catalog, check_models=False) as cat:
+        if args.action == "import":
+            bars = Bars(args.quiet, unit="photo")
+            report = cat.import_feedback(args.file, Columns(args.product_column, args.photo_column),
+                                         progress=lambda done, total: bars("import", done, total))  # fmt: skip
+            bars.close()
+            for where, reason in report.failed:
+                print(f"skipped {where}: {reason}", file=sys.stderr)
+            print(f"imported {report.imported} labelled photo(s), skipped {len(report.failed)}")
+            return 0 if report.imported or not report.failed else 1
+        if args.action == "remove":
+            if not args.ids and not args.all:
+                raise LookalikeError("remove needs feedback ids (see `feedback list`) or --all (every imported photo)")
+            gone = cat.log.remove_feedback(None if args.all else args.ids)
+            print(f"removed {gone} feedback photo(s)")
+            return 0 if gone else 1
+        photos = cat.log.feedback_photos(("click", "purchase", "not_this", "label"))
+    for f in photos:
+        box = ",".join(f"{v:g}" for v in f.box) if f.box else "-"
+        print(f"{f.id}\t{f.kind}\t{f.product_id}\t{f.photo}\tbox {box}\t{f.search_id or f.origin}")
+    print(f"{len(photos)} feedback photo(s)", file=sys.stderr)
     return 0
 
 
@@ -257,17 +341,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     options = dict(_where(args.config) or {})
     cache = Path(args.cache) if args.cache else None
     bars = Bars(args.quiet)
+    if args.feedback and not (args.tune or args.tune_on):
+        raise LookalikeError("--feedback is what tuning learns from: give --tune or --tune-on too")
     if args.tune or args.tune_on:
         from lookalike.eval import tune_on_rows
 
         # closed set: the gallery rows (the shop's catalog; queries are never seen); open set: other rows
         rows = args.tune_on or args.gallery
         model, _ = tune_on_rows(labels, root, args.label, rows, dict(_where(args.tune_option) or {}), options,
-                                args.threads, bars, args.image_column, cache)  # fmt: skip
+                                args.threads, bars, args.image_column, cache, args.feedback)  # fmt: skip
         options = {"whiten": "0", **options, "embedder": str(model)}
     result = evaluate(
         labels, root, args.label, args.query, args.gallery, options, threads=args.threads, cache_path=cache,
         progress=bars, image_column=args.image_column, store=args.store, details=bool(args.report),
+        never_query=args.feedback,
     )  # fmt: skip
     bars.close()
     for where, reason in result.failed:
@@ -384,6 +471,9 @@ def parser() -> argparse.ArgumentParser:
     catalog_arg(sp)
     sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     sp.add_argument("--port", type=int, default=8501)
+    sp.add_argument("--keep-searches", type=int, metavar="DAYS",
+                    help="keep shoppers' searches (photos included) for DAYS days, for feedback and tuning; "
+                         "0 turns it off; default: as the catalog says (off unless turned on)")  # fmt: skip
     sp.set_defaults(func=cmd_app)
 
     sp = sub.add_parser("serve", help="start the REST API (FastAPI + uvicorn)")
@@ -398,7 +488,44 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-url-fetches", type=int, default=8, help="URL fetches in flight; more get a 503")
     sp.add_argument("--allow-private-urls", action="store_true",
                     help="let URLs reach loopback/private addresses (tests and trusted intranets only)")  # fmt: skip
+    sp.add_argument("--keep-searches", type=int, metavar="DAYS",
+                    help="keep shoppers' searches (photos included) for DAYS days, for feedback and tuning; "
+                         "0 turns it off; default: as the catalog says (off unless turned on)")  # fmt: skip
     sp.set_defaults(func=cmd_serve)
+
+    sp = sub.add_parser("searches", help="the search log: shoppers' searches, kept only when turned on")
+    acts = sp.add_subparsers(dest="action", required=True)
+    sp = acts.add_parser("keep", help="keep each search for DAYS days from now on (0: off)")
+    sp.add_argument("days", type=int)
+    catalog_arg(sp)
+    for name, text in (("list", "one line per kept search"), ("export", "kept searches as JSON lines"),
+                       ("purge", "delete searches, their feedback and photos")):  # fmt: skip
+        sp = acts.add_parser(name, help=text)
+        catalog_arg(sp)
+        sp.add_argument("--before", metavar="DATE", help="only searches before this date (YYYY-MM-DD, UTC)")
+        if name == "export":
+            sp.add_argument("--out", metavar="FILE", help="write here (default: standard output)")
+        if name == "purge":
+            sp.add_argument("--all", action="store_true", help="every kept search")
+    for action in acts.choices.values():
+        action.set_defaults(func=cmd_searches)
+
+    sp = sub.add_parser("feedback", help="shoppers' photos labelled with their product, for tuning")
+    acts = sp.add_subparsers(dest="action", required=True)
+    sp = acts.add_parser("import", help="labelled shopper photos from a manifest (CSV, JSONL, Parquet)")
+    sp.add_argument("file")
+    catalog_arg(sp)
+    sp.add_argument("--photo-column", default="photo", help="the photo's path or URL (default: photo)")
+    sp.add_argument("--product-column", default="product_id", help="the product it shows (default: product_id)")
+    sp.add_argument("-q", "--quiet", action="store_true")
+    sp = acts.add_parser("list", help="one line per feedback photo")
+    catalog_arg(sp)
+    sp = acts.add_parser("remove", help="delete feedback photos by id")
+    sp.add_argument("ids", nargs="*", type=int)
+    catalog_arg(sp)
+    sp.add_argument("--all", action="store_true", help="every imported photo")
+    for action in acts.choices.values():
+        action.set_defaults(func=cmd_feedback)
 
     sp = sub.add_parser("tune", help="adapt the embedder to the catalog's products (needs lookalike[tune])")
     catalog_arg(sp)
@@ -446,6 +573,9 @@ def parser() -> argparse.ArgumentParser:
         help="tune on these rows instead (open set), e.g. half=1 with --query/--gallery on half=2",
     )
     sp.add_argument("--tune-option", action="append", metavar="KEY=VALUE", help="tuning option, as in `tune`")
+    sp.add_argument("--feedback", metavar="SELECTION",
+                    help="with --tune/--tune-on: these rows are shoppers' labelled photos (feedback) to learn from "
+                         "too; they are never searched with")  # fmt: skip
     sp.add_argument("--json", metavar="OUT", help="also write the metrics as JSON")
     sp.add_argument("--report", metavar="OUT.html",
                     help="also write an HTML page: metrics, Recall@k plot, worst failures, hardest labels")  # fmt: skip

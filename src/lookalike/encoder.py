@@ -141,12 +141,12 @@ class Encoder:
         vectors = hashlib.sha256(f"{self.config.embedding_key()}|{emb_sha}|{det_sha}".encode()).hexdigest()[:20]
         return vectors, det_sha[:20]
 
-    def crop(self, img: Image.Image, boxes: list[Box] | None = None) -> Crop:
+    def crop(self, img: Image.Image, boxes: list[Box] | None = None, manual: Box | None = None) -> Crop:
         """The crop this configuration embeds for an image (what tuning learns from); `boxes`: its
-        detections when already known."""
+        detections when already known; `manual`: the box a search used (no detection then)."""
         if boxes is None:
-            boxes = self.detect(img) if self.uses_boxes else []
-        return choose_crop(img, boxes, self.config.crop)
+            boxes = self.detect(img) if self.uses_boxes and manual is None else []
+        return choose_crop(img, boxes, self.config.crop, manual=manual)
 
     def encode(self, img: Image.Image, boxes: list[Box] | None = None, box: Box | None = None,
                whole: bool = False) -> Processed:  # fmt: skip

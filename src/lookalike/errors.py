@@ -20,3 +20,12 @@ class BadImageError(LookalikeError):
 
 class VectorsChangedError(LookalikeError):
     """The catalog's vectors were rebuilt with another model while a search was running."""
+
+
+class FeedbackRefused(LookalikeError):
+    """Feedback that names no kept search or no catalog product (`missing`: 404 over the API), or a
+    product the search did not show (422)."""
+
+    def __init__(self, message: str, missing: bool):
+        super().__init__(message)
+        self.missing = missing

@@ -151,7 +151,8 @@ def split_options(options: dict[str, str]) -> tuple[dict[str, str], dict[str, fl
 def evaluate(labels: Path, root: Path, label: str, query: str | None = None, gallery: str | None = None,
              options: dict[str, str] | None = None, threads: int = 2, cache_path: Path | None = None,
              progress: StageProgress | None = None, image_column: str = "file",
-             store: str | None = None, details: bool = False) -> EvalResult:  # fmt: skip
+             store: str | None = None, details: bool = False,
+             never_query: str | None = None) -> EvalResult:  # fmt: skip
     """Index the gallery rows, search with the query rows, measure. With neither selection: leave-one-out.
     `store` (e.g. milvus:///tmp/eval.db): search through that store, as a catalog on it serves, rather
     than scoring every pair exactly. `details`: also each query's outcome (for `--report`)."""
@@ -164,6 +165,8 @@ def evaluate(labels: Path, root: Path, label: str, query: str | None = None, gal
     in_query = np.array([parse_where(query)(r) if query else True for r in rows]) & ok
     in_gallery = np.array([parse_where(gallery)(r) if gallery else True for r in rows]) & ok
     in_query &= np.array([r[label] != "" for r in rows])  # an unlabelled image cannot be scored
+    if never_query:  # rows a model learned from as feedback: never searched with
+        in_query &= ~np.array([parse_where(never_query)(r) for r in rows])
     qi, gi = np.nonzero(in_query)[0], np.nonzero(in_gallery)[0]
     if len(qi) == 0 or len(gi) == 0:
         raise LookalikeError(f"no {'query' if len(qi) == 0 else 'gallery'} images selected")
@@ -234,16 +237,28 @@ def outcomes(queries: list[str], q_labels: list[str], sim: np.ndarray, labels: l
 
 def tune_on_rows(labels: Path, root: Path, label: str, rows_selection: str | None, tune_options: dict[str, str],
                  options: dict[str, str] | None = None, threads: int = 2, progress: StageProgress | None = None,
-                 image_column: str = "file", cache_path: Path | None = None) -> tuple[Path, dict]:  # fmt: skip
+                 image_column: str = "file", cache_path: Path | None = None,
+                 feedback: str | None = None) -> tuple[Path, dict]:  # fmt: skip
     """Tune an embedder on the selected rows only (what a shop's catalog would hold), with `label` as
-    the product id. The model is cached under the eval cache's folder, keyed by the rows' image
-    contents, labels and all options, so comparing configurations tunes once."""
-    rows = [r for r in read_labels(labels, root, label, image_column) if r[label] != ""]
-    if rows_selection:
-        rows = [r for r in rows if parse_where(rows_selection)(r)]
+    the product id, plus the `feedback` rows as shoppers' labelled photos (what a shop's feedback would
+    hold). The model is cached under the eval cache's folder, keyed by the rows' image contents,
+    labels and all options, so comparing configurations tunes once."""
+    everything = [r for r in read_labels(labels, root, label, image_column) if r[label] != ""]
+    rows = [r for r in everything if parse_where(rows_selection)(r)] if rows_selection else everything
+    shoppers = [r for r in everything if parse_where(feedback)(r)] if feedback else []
+    if feedback and not shoppers:
+        raise LookalikeError(f"--feedback {feedback!r}: no rows selected")
     photos = Photos(PipelineConfig().with_options(split_options(options or {})[0]), threads)
     folder = (cache_path or default_cache()).parent / "tuned"
-    return photos.tune([r["__path__"] for r in rows], [r[label] for r in rows], tune_options, folder, progress)
+    both = rows + shoppers
+    return photos.tune(
+        [r["__path__"] for r in both],
+        [r[label] for r in both],
+        tune_options,
+        folder,
+        progress,
+        [False] * len(rows) + [True] * len(shoppers),
+    )
 
 
 def format_table(result: EvalResult) -> str:

@@ -210,7 +210,7 @@ class Photo:
 def read_photo(source: ImageInput, limits: Limits = DEFAULT_LIMITS) -> Photo:
     """The one read -> hash step: a path, a guarded URL or bytes, within the limits."""
     data = read_bytes(source, limits)
-    return Photo(describe(source), data, hashlib.sha256(data).hexdigest())
+    return Photo(describe(source), data, sha256_bytes(data))
 
 
 def load_image(source: ImageInput, limits: Limits = DEFAULT_LIMITS) -> Image.Image:
@@ -380,3 +380,8 @@ def _read_body(resp: urllib3.BaseHTTPResponse, name: str, max_bytes: int, deadli
         if size > max_bytes:
             raise BadImageError(name, f"download is over the {max_bytes}-byte limit")
         chunks.append(chunk)
+
+
+def sha256_bytes(data: bytes) -> str:
+    """What names a photo's content everywhere (stored uploads, the search log's photos, caches)."""
+    return hashlib.sha256(data).hexdigest()

@@ -101,6 +101,26 @@ def recorded_as(value: str, path: Path) -> bool:
     return False
 
 
+def check_recorded(recorded: dict[str, str], current: dict[str, str], files: dict[str, Path], catalog: Path) -> bool:
+    """Vectors of two models are never mixed: a catalog records a fingerprint of what each model its
+    vectors came from computes, and is refused with models that compute something else. Catalogs made
+    before fingerprints recorded each file's sha256: when that still names the model (`recorded_as`),
+    True says to record the fingerprints in their place."""
+    legacy = False
+    for name, value in recorded.items():
+        if current.get(name) == value:
+            continue
+        if name in files and recorded_as(value, files[name]):
+            legacy = True
+            continue
+        raise LookalikeError(
+            f"{catalog}: its vectors came from a {name} model with fingerprint {value[:12]}, but "
+            f"{files.get(name, '?')} computes something else ({current.get(name, '?')[:12]}); rebuild the "
+            f"vectors with `lookalike reindex --catalog {catalog}` (or restore that model file)"
+        )
+    return legacy
+
+
 FINGERPRINT_FORMAT = b"lookalike model fingerprint 1"
 
 

@@ -162,17 +162,20 @@ class Photos:
         return learn_whitening(self.config, gallery)
 
     def tune(self, paths: list[str], labels: list[str], options: dict[str, str], folder: Path,
-             progress: StageProgress | None = None) -> tuple[Path, dict]:  # fmt: skip
-        """An embedder tuned on these photos with these labels as product ids (see `tune.py`), cached in
-        `folder` by the photos' contents, the labels, the options and the model files."""
+             progress: StageProgress | None = None,
+             shopper: list[bool] | None = None) -> tuple[Path, dict]:  # fmt: skip
+        """An embedder tuned on these photos with these labels as product ids (see `tune.py`; `shopper[i]`:
+        photo i is a shopper's, as feedback), cached in `folder` by the photos' contents, the labels,
+        the options and the model files."""
         from lookalike.tune import options_from_text, tune_model
 
         tune_options = options_from_text(options, size=self.encoder.models.embedder.size)
         key = hashlib.sha256(json.dumps([asdict(tune_options), self.encoder.fingerprints(),
                                          self.config.to_json()]).encode())  # fmt: skip
-        for path, label in zip(paths, labels, strict=True):
+        shopper = shopper or [False] * len(paths)
+        for path, label, own in zip(paths, labels, shopper, strict=True):
             try:
-                key.update(f"{self.encoder.photo(path).sha256}|{label}|".encode())
+                key.update(f"{self.encoder.photo(path).sha256}|{label}|{'shopper|' if own else ''}".encode())
             except LookalikeError:
                 key.update(f"unreadable {path}|".encode())
         path = folder / f"tuned-{key.hexdigest()[:16]}.onnx"
@@ -180,7 +183,9 @@ class Photos:
             return path, {"cached": True}
         folder.mkdir(parents=True, exist_ok=True)
         crops, kept, failed = self.crops(paths, stage(progress, "crops"))
-        report = tune_model(crops, [labels[i] for i in kept], path, tune_options, progress, self.threads)
+        report = tune_model(
+            crops, [labels[i] for i in kept], path, tune_options, progress, self.threads, [shopper[i] for i in kept]
+        )
         return path, {**asdict(report), "failed": len(failed)}
 
 

@@ -20,7 +20,8 @@ from lookalike.boxes import BoxChoice
 from lookalike.config import PipelineConfig
 from lookalike.detect import Box
 from lookalike.encoder import Encoder, Progress, Query, StageProgress
-from lookalike.errors import LookalikeError, VectorsChangedError
+from lookalike.errors import FeedbackRefused, LookalikeError, VectorsChangedError
+from lookalike.feedback import FeedbackReport, import_labelled
 from lookalike.images import DEFAULT_LIMITS, ImageInput, ImageSource, Limits, thumbnail_uri
 from lookalike.index import store_backend
 from lookalike.offline import Photos, default_cache, rank_products
@@ -29,6 +30,7 @@ from lookalike.query import DEFAULT_RANK, Searcher
 from lookalike.ranking import RANKS
 from lookalike.records import ImageRecord
 from lookalike.results import IndexReport, Match, QueryInfo, SearchResult
+from lookalike.search_log import SearchLog
 from lookalike.sources import Columns, Item
 from lookalike.storage import Storage
 from lookalike.uploads import Uploads
@@ -59,6 +61,7 @@ class Catalog:
         self.limits = limits
         self._use(config)
         self.uploads = Uploads(self.directory, store.records)
+        self.log = SearchLog(self.directory)  # shoppers' searches and feedback: off unless the shop turns it on
         self.projection = Projection(store.records, store.live)
         self.searcher = Searcher(store, self.projection, lambda: self.query_encoder)
 
@@ -120,28 +123,12 @@ class Catalog:
         return catalog
 
     def _check_models(self) -> None:
-        """Vectors of two models are never mixed: the catalog records a fingerprint of what each model
-        its vectors came from computes (`models.fingerprint`), and refuses to run with models that
-        compute something else. Catalogs made before fingerprints recorded each file's sha256: when that
-        still names the model (`models.recorded_as`), its fingerprint is recorded in its place."""
+        """Vectors of two models are never mixed (`models.check_recorded`)."""
         recorded = json.loads(self.records.get_meta("models") or "{}")
         if not recorded:
             return
         current = self.encoder.model_fingerprints()
-        files = self.encoder.model_files()
-        legacy = False
-        for name, value in recorded.items():
-            if current.get(name) == value:
-                continue
-            if name in files and models.recorded_as(value, files[name]):
-                legacy = True
-                continue
-            raise LookalikeError(
-                f"{self.directory}: its vectors came from a {name} model with fingerprint {value[:12]}, but "
-                f"{files.get(name, '?')} computes something else ({current.get(name, '?')[:12]}); rebuild the "
-                f"vectors with `lookalike reindex --catalog {self.directory}` (or restore that model file)"
-            )
-        if legacy:
+        if models.check_recorded(recorded, current, self.encoder.model_files(), self.directory):
             self.records.set_meta("models", json.dumps({**recorded, **current}, sort_keys=True))
 
     def _record_config(self) -> None:
@@ -155,6 +142,7 @@ class Catalog:
             self.records.set_meta("models", json.dumps(self.encoder.model_fingerprints(), sort_keys=True))
 
     def close(self) -> None:
+        self.log.close()
         self.store.close()
 
     def __enter__(self) -> Catalog:
@@ -213,9 +201,11 @@ class Catalog:
     def tune(self, options: dict[str, str] | None = None, progress: StageProgress | None = None) -> dict:
         """Adapt the embedder to this catalog (its photos, product ids as labels; see `tune.py`), save
         the tuned model inside the catalog and re-embed every image with it. The old vectors stay
-        until the new ones are complete: stopping half-way (Ctrl-C) leaves the catalog as it was."""
+        until the new ones are complete: stopping half-way (Ctrl-C) leaves the catalog as it was. Every
+        feedback photo (clicks, purchases, imported labels) is learned from too, cropped as searched."""
+        shoppers = [(f.photo, f.box, f.product_id) for f in self.log.feedback_photos()]
         report, model, size = rebuild.tuned_model(self.records, self.encoder, self.directory, options or {},
-                                                  self.threads, progress)  # fmt: skip
+                                                  self.threads, progress, shoppers)  # fmt: skip
         config = replace(self.config, embedder=model.relative_to(self.directory).as_posix(), embed_size=size,
                          whiten=0)  # fmt: skip
         self._adopt(config, [model], progress)
@@ -317,20 +307,42 @@ class Catalog:
         return self.searcher.detect(image)
 
     def search(self, image: ImageInput | Image.Image | Query, k: int = 10, where: dict[str, str] | None = None,
-               box: BoxChoice | None = None, rank: str = DEFAULT_RANK,
-               min_score: float | None = None) -> SearchResult:  # fmt: skip
+               box: BoxChoice | None = None, rank: str = DEFAULT_RANK, min_score: float | None = None,
+               log: bool = False) -> SearchResult:  # fmt: skip
         """Top-k products for a photo. `box`: which part is searched (`BoxChoice`: automatic by default,
         a detected box, the whole image, or a box of one's own in pixels). `rank`: how a product's
         images' scores make its score (`ranking.RANKS`). A photo whose best product scores under the
         catalog's no-match threshold gets `no_match` and no results, unless `min_score` is given: then
-        the products scoring at least `min_score` are returned all the same (the closest anyway)."""
+        the products scoring at least `min_score` are returned all the same (the closest anyway).
+        `log`: a shopper's search (API, app), kept with a `search_id` when the search log is on."""
         min_score = check_min_score(min_score)
         self._follow()
+        query = self.searcher.detect(image)
         try:
-            return self.searcher.search(image, k, where, box, rank, min_score)
+            result = self.searcher.search(query, k, where, box, rank, min_score)
         except VectorsChangedError:  # the vectors were swapped (tuning) mid-search: once more, new model
             self._follow()
-            return self.searcher.search(image, k, where, box, rank, min_score)
+            result = self.searcher.search(query, k, where, box, rank, min_score)
+        if log:  # with the box that was cropped, so tuning crops the photo as this search did
+            used = result.query.box_used
+            area = (used.x1, used.y1, used.x2, used.y2) if used else (0, 0, *query.image.size)
+            asked = {"k": k, "where": where, "box": box.kind if box else "auto", "rank": rank}
+            shown = [(m.product_id, m.score) for m in result.results]
+            result.search_id = self.log.record(query.image, area, asked, shown)
+        return result
+
+    def feedback(self, search_id: str, product_id: str, kind: str) -> int:
+        """A shopper's feedback on a logged search (`search_log.KINDS`); refused for an unknown search
+        or product, or a product the search did not show. Returns its id."""
+        if not self.records.products([product_id]):
+            raise FeedbackRefused(f"no product {product_id!r} in the catalog", missing=True)
+        return self.log.feedback(search_id, product_id, kind)
+
+    def import_feedback(self, path: str | Path, columns: Columns | None = None,
+                        progress: Progress | None = None) -> FeedbackReport:  # fmt: skip
+        """Labelled shopper photos from a manifest (`feedback.py`): bad rows reported and skipped."""
+        columns = columns or Columns(product_id="product_id", image="photo")
+        return import_labelled(Path(path), columns, self.log, self.load, self.records.products, progress)
 
     def similar(self, product_id: str, k: int = 10, where: dict[str, str] | None = None,
                 rank: str = DEFAULT_RANK) -> SearchResult:  # fmt: skip
@@ -370,20 +382,8 @@ class Catalog:
 
     def duplicates(self, threshold: float = DUPLICATE_SCORE, progress: Progress | None = None) -> list[dict]:
         """Pairs of photos of two different products that are near-identical (score >= threshold):
-        a common catalog error (one photo under two products). Each image's nearest neighbours, as
-        the index scores them; the best pair per two products, highest first."""
-        best: dict[tuple[str, str], dict] = {}
-        total = self.records.count()[1]
-        for n, (product_id, image, vector) in enumerate(self.records.each_image(), 1):
-            for hit in self.store.search(vector, 5):
-                if hit.product_id == product_id or hit.score < threshold:
-                    continue
-                (a, ia), (b, ib) = sorted([(product_id, image), (hit.product_id, hit.image)])
-                if hit.score > best.get((a, b), {}).get("score", -1.0):
-                    best[(a, b)] = {"products": [a, b], "images": [ia, ib], "score": round(hit.score, 4)}
-            if progress and (n % 500 == 0 or n == total):
-                progress(n, total)
-        return sorted(best.values(), key=lambda d: (-d["score"], d["products"]))
+        a common catalog error (one photo under two products); the best pair per two products."""
+        return self.searcher.duplicates(threshold, progress)
 
     def info(self) -> dict:
         products, images = self.records.count()

@@ -93,6 +93,23 @@ class Searcher:
         info = QueryInfo([], None, f"product {product_id}", (time.perf_counter() - t0) * 1000)
         return SearchResult(info, matches)
 
+    def duplicates(self, threshold: float, progress: Callable[[int, int], None] | None) -> list[dict]:
+        """Each image's nearest neighbours of other products at `threshold` or more, as the index
+        scores them; the best pair per two products, highest first."""
+        best: dict[tuple[str, str], dict] = {}
+        records = self.store.records
+        total = records.count()[1]
+        for n, (product_id, image, vector) in enumerate(records.each_image(), 1):
+            for hit in self.store.search(vector, 5):
+                if hit.product_id == product_id or hit.score < threshold:
+                    continue
+                (a, ia), (b, ib) = sorted([(product_id, image), (hit.product_id, hit.image)])
+                if hit.score > best.get((a, b), {}).get("score", -1.0):
+                    best[(a, b)] = {"products": [a, b], "images": [ia, ib], "score": round(hit.score, 4)}
+            if progress and (n % 500 == 0 or n == total):
+                progress(n, total)
+        return sorted(best.values(), key=lambda d: (-d["score"], d["products"]))
+
     def search_vector(self, vector: np.ndarray, k: int, where: dict[str, str] | None, rank: str) -> list[Match]:
         """Products ranked by a score over their images; each match shows its best image. The index is
         asked for more images until k products are found (or the catalog has no more)."""

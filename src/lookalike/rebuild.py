@@ -13,15 +13,20 @@ from typing import Any
 
 import numpy as np
 
+from lookalike.detect import Box
 from lookalike.encoder import Encoder, StageProgress, run_parallel, safely, stage
 from lookalike.errors import LookalikeError
 from lookalike.records import Records
 
+Shopper = tuple[Path, tuple[float, float, float, float] | None, str]  # a feedback photo, its box, its product
 
-def tuned_model(records: Records, encoder: Encoder, directory: Path, options: dict[str, str],
-                threads: int, progress: StageProgress | None) -> tuple[dict, Path, int]:  # fmt: skip
-    """Train an embedder on the catalog's crops (product ids as labels; `tune.py`) and save it under
-    the catalog's models/ folder, named by its hash. Returns (training report, model file, input size)."""
+
+def tuned_model(records: Records, encoder: Encoder, directory: Path, options: dict[str, str], threads: int,
+                progress: StageProgress | None, shoppers: list[Shopper] = ()) -> tuple[dict, Path, int]:  # fmt: skip
+    """Train an embedder on the catalog's crops (product ids as labels; `tune.py`) and on shoppers'
+    photos of its products (feedback: photo, the box searched or given, product), each cropped as a
+    search crops it; save it under the catalog's models/ folder, named by its hash. Returns (training
+    report, model file, input size)."""
     from lookalike.tune import options_from_text, tune_model
 
     tune_options = options_from_text(options, size=encoder.models.embedder.size)
@@ -35,9 +40,23 @@ def tuned_model(records: Records, encoder: Encoder, directory: Path, options: di
             if not isinstance(out, str):
                 crops.append(out.image)
                 labels.append(product_id)
+    catalog_crops = len(crops)
+    products = set(labels)
+    wanted = [s for s in shoppers if s[2] in products]  # feedback on a product removed since is left out
+    shopper_crop = safely(lambda s: encoder.crop(encoder.load(str(s[0])), manual=_box(s[1])))
+    for batch in run_parallel(shopper_crop, wanted, threads, stage(progress, "feedback crops")):
+        for (_, _, product_id), out in batch:
+            if not isinstance(out, str):
+                crops.append(out.image)
+                labels.append(product_id)
+    shopper = [False] * catalog_crops + [True] * (len(crops) - catalog_crops)
     report, final = _saved(directory, "tuned", lambda dst: tune_model(crops, labels, dst, tune_options, progress,
-                                                                       threads))  # fmt: skip
+                                                                       threads, shopper))  # fmt: skip
     return asdict(report), final, tune_options.size
+
+
+def _box(box: tuple[float, float, float, float] | None) -> Box | None:
+    return Box(*box, 1.0, "manual") if box else None
 
 
 def _saved(directory: Path, prefix: str, write: Callable[[Path], Any]) -> tuple[Any, Path]:

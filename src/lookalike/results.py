@@ -45,9 +45,11 @@ class SearchResult:
     # `calibration.py`): `results` is then empty rather than noise
     no_match: bool = False
     threshold: float | None = None
+    # the search log's id for this search (feedback names it), None when the log is off
+    search_id: str | None = None
 
     def to_dict(self) -> dict:
-        return {"query": self.query.to_dict(), "no_match": self.no_match,
+        return {"query": self.query.to_dict(), "no_match": self.no_match, "search_id": self.search_id,
                 "threshold": None if self.threshold is None else round(self.threshold, 4),
                 "results": [m.to_dict() for m in self.results]}  # fmt: skip
 

@@ -206,6 +206,14 @@ def _row_problem(row: dict) -> str | None:
     return None
 
 
+def manifest_rows(path: Path, columns: Columns) -> Iterator[tuple[str, Item] | SourceProblem]:
+    """A manifest's rows one by one, as (where, item) or a problem, rows of one product not merged
+    (labelled photos, `feedback import`); refused at once if it is not a manifest or lacks the columns."""
+    if not path.is_file() or path.suffix.lower() not in MANIFEST_SUFFIXES:
+        raise LookalikeError(f"{shorten(str(path))}: no such manifest (.csv, .parquet, .jsonl)")
+    return _iter_manifest(path, columns)
+
+
 def _iter_manifest(path: Path, columns: Columns) -> Iterator[tuple[str, Item] | SourceProblem]:
     base = path.resolve().parent
     checked = False

@@ -198,14 +198,16 @@ def _leg(img: Image.Image, rng: random.Random) -> Image.Image:
 
 
 def augment(crop: Image.Image, rng: random.Random, size: int, photos: list[Path] = (), pairs: float = 0.0,
-            legs: float = 0.0) -> Image.Image:  # fmt: skip
-    """One shopper-like view of a catalog crop (a shoe on white, padded square)."""
+            legs: float = 0.0, shopper: bool = False) -> Image.Image:  # fmt: skip
+    """One shopper-like view of a catalog crop (a shoe on white, padded square). A shopper's own photo
+    (`shopper`) already has its background, its second shoe and its trouser leg: it only gets the
+    camera's changes (angle, framing, light, blur, compression)."""
     img = crop.convert("RGB").resize((size, size), Image.BILINEAR)
-    if rng.random() < pairs:
+    if not shopper and rng.random() < pairs:
         img = _pair(img, rng)
-    if rng.random() < 0.7:  # cut the shoe out of its white background and put it somewhere else
+    if not shopper and rng.random() < 0.7:  # cut the shoe out of its white background and put it elsewhere
         img = Image.composite(img, _background(size, rng, list(photos)), _shoe_mask(img))
-    if rng.random() < legs:
+    if not shopper and rng.random() < legs:
         img = _leg(img, rng)
     if rng.random() < 0.5:
         img = ImageOps.mirror(img)
@@ -309,8 +311,9 @@ def _export(module, example, path: Path, output: str, dynamic_size: bool) -> Non
 
 # -- views through the frozen trunk --------------------------------------------------------------
 def trunk_views(crops: list[Image.Image], options: TuneOptions, trunk_path: Path, progress: Progress | None = None,
-                threads: int = 2) -> np.ndarray:  # fmt: skip
-    """[len(crops) * views, C, H, W] float16: the frozen trunk's output for every view of every crop."""
+                threads: int = 2, shopper: list[bool] | None = None) -> np.ndarray:  # fmt: skip
+    """[len(crops) * views, C, H, W] float16: the frozen trunk's output for every view of every crop
+    (`shopper[i]`: crop i is a shopper's photo, see `augment`)."""
     from lookalike.onnx import session
 
     photos = _backgrounds(options.backgrounds)
@@ -322,7 +325,8 @@ def trunk_views(crops: list[Image.Image], options: TuneOptions, trunk_path: Path
     def one(i: int) -> tuple[int, np.ndarray]:
         rng = random.Random(options.seed * 1_000_003 + i)
         views = [crops[i].convert("RGB")] + [
-            augment(crops[i], rng, size, photos, options.pairs, options.legs) for _ in range(options.views - 1)
+            augment(crops[i], rng, size, photos, options.pairs, options.legs, bool(shopper and shopper[i]))
+            for _ in range(options.views - 1)
         ]
         batch = np.stack([_tensor(v, size) for v in views]).astype(np.float32)
         return i, sess.run(None, {"image": batch})[0].astype(np.float16)
@@ -349,6 +353,7 @@ class TuneReport:
     final_loss: float
     train_accuracy: float
     options: dict
+    feedback_photos: int = 0  # of `images`: shoppers' photos (feedback), the rest catalog shots
 
 
 def _keep_freed_memory() -> None:
@@ -460,8 +465,10 @@ def export_tuned(trunk, original, tuned, projection, options: TuneOptions, path:
 
 
 def tune_model(crops: list[Image.Image], labels: list[str], out: Path, options: TuneOptions | None = None,
-               progress: Progress | None = None, threads: int = 2) -> TuneReport:  # fmt: skip
-    """Tune on labelled catalog crops and write the tuned ONNX embedder to `out` (atomically)."""
+               progress: Progress | None = None, threads: int = 2,
+               shopper: list[bool] | None = None) -> TuneReport:  # fmt: skip
+    """Tune on labelled crops and write the tuned ONNX embedder to `out` (atomically); `shopper[i]`:
+    crop i is a shopper's photo of its product (feedback), the rest catalog shots."""
     options = options or TuneOptions()
     torch = _torch()
     torch.set_num_threads(threads)
@@ -475,9 +482,11 @@ def tune_model(crops: list[Image.Image], labels: list[str], out: Path, options: 
         size = options.view_size
         _export(trunk, torch.zeros(1, 3, size, size), trunk_path, "maps", dynamic_size=False)
         t0 = time.perf_counter()
-        maps = trunk_views(crops, options, trunk_path, progress, threads)
+        maps = trunk_views(crops, options, trunk_path, progress, threads, shopper)
     t1 = time.perf_counter()
     projection, loss, accuracy = train(maps, y, tuned, options, progress)
     t2 = time.perf_counter()
     export_tuned(trunk, original, tuned, projection, options, out)
-    return TuneReport(len(names), len(crops), len(maps), t1 - t0, t2 - t1, loss, accuracy, asdict(options))
+    return TuneReport(
+        len(names), len(crops), len(maps), t1 - t0, t2 - t1, loss, accuracy, asdict(options), sum(shopper or ())
+    )

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from fastapi import Depends, FastAPI
 
-from lookalike.api import errors, gate, health, products, search, tuning
+from lookalike.api import errors, feedback, gate, health, products, search, tuning
 from lookalike.api.bodies import FORM_TYPES
 from lookalike.api.service import SMALL_BODY, Service, writer
 from lookalike.api.settings import ApiSettings
@@ -37,7 +37,7 @@ def create_app(catalog_dir: str | Path, settings: ApiSettings | None = None) -> 
     # reads carry a security requirement in the OpenAPI document only when they really need the token
     reads = [Depends(writer)] if settings.protect_reads else []
     for router in (*search.router(reads), products.reads(reads), health.health(), health.stats(reads),
-                   *products.writes(settings), tuning.writes(), tuning.reads(reads)):  # fmt: skip
+                   *products.writes(settings), tuning.writes(), tuning.reads(reads), feedback.writes()):  # fmt: skip
         app.include_router(router)
     return app
 

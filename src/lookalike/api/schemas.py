@@ -169,6 +169,22 @@ class TuneStatus(BaseModel):
     error: str | None = None
 
 
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    search_id: str = Field(min_length=1, max_length=100, description="the search_id a search answered with")
+    product_id: str = Field(min_length=1, max_length=200, pattern=r"\S", description="one of that search's results")
+    kind: Literal["click", "purchase", "not_this"] = Field(
+        description="click: the shopper opened it; purchase: bought it; not_this: said it is not the shoe"
+    )
+
+
+class FeedbackResponse(BaseModel):
+    feedback_id: int
+    search_id: str
+    product_id: str
+    kind: str
+
+
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 415, 422, 503)}
 READ_ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 413, 422)}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated, Any
 
 import anyio
@@ -37,8 +38,8 @@ def router(reads: list) -> list[APIRouter]:
 
 async def _search(svc: Service, image: bytes, k: int, where: dict | None, box: BoxChoice, rank: str,
                   min_score: float | None) -> dict:  # fmt: skip
-    result = await anyio.to_thread.run_sync(svc.catalog.search, image, k, where, box, rank, min_score,
-                                            limiter=svc.inference)  # fmt: skip
+    search = partial(svc.catalog.search, image, k, where, box, rank, min_score, log=True)  # kept if the log is on
+    result = await anyio.to_thread.run_sync(search, limiter=svc.inference)
     svc.stats.search(result.query.took_ms)
     return result.to_dict()
 
