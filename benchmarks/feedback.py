@@ -35,6 +35,7 @@ from suites import DATASETS, OUT
 
 from lookalike.config import PipelineConfig
 from lookalike.eval import evaluate, read_labels, tune_on_rows
+from lookalike.groups import near_groups
 from lookalike.offline import Photos, rank_products
 from lookalike.pipeline import DUPLICATE_SCORE
 
@@ -54,7 +55,7 @@ def split_halves() -> list[dict]:
         by_product.setdefault(rows[i]["product"], []).append(n)
     for _, members in sorted(by_product.items()):
         v = np.nan_to_num(vectors[members])
-        groups = [[members[m] for m in g] for g in near_groups(v @ v.T >= DUPLICATE_SCORE)]
+        groups = [[members[m] for m in g] for g in near_groups(v, DUPLICATE_SCORE)]
         order = sorted(groups, key=lambda g: hashlib.sha256(rows[wild[g[0]]]["file"].encode()).hexdigest())
         sizes = {"A": 0, "B": 0}
         for g in order:
@@ -65,24 +66,6 @@ def split_halves() -> list[dict]:
     for r in rows:
         r.setdefault("half", "")
     return rows
-
-
-def near_groups(near: np.ndarray) -> list[list[int]]:
-    """Connected groups of a symmetric boolean matrix (near-identical photos), by union-find."""
-    parent = list(range(len(near)))
-
-    def root(a: int) -> int:
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    for a, b in zip(*np.nonzero(np.triu(near, 1)), strict=True):
-        parent[root(int(a))] = root(int(b))
-    groups: dict[int, list[int]] = {}
-    for m in range(len(near)):
-        groups.setdefault(root(m), []).append(m)
-    return list(groups.values())
 
 
 def ranked_products(model: Path, rows: list[dict], queries: list[int], gallery: list[int]) -> list[list[str]]:

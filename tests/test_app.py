@@ -120,3 +120,28 @@ def test_a_click_picks_the_smallest_box_under_it_and_a_drag_draws_one():
     assert pointed(click(60, 40), (200, 100), boxes) is None  # (120, 80): in no box
     # a drag, released outside the photo and towards the top left: a box in the photo's pixels
     assert pointed({**shown, "x1": 80, "y1": 40, "x2": 130, "y2": -5}, (200, 100), boxes) == ("own", (160, 0, 200, 80))
+
+
+def test_this_is_it_records_a_click_once_per_search(monkeypatch, tmp_path, branded_catalog):
+    import shutil
+
+    catalog = tmp_path / "cat"
+    shutil.copytree(branded_catalog, catalog)
+    at = start(monkeypatch, catalog)
+    at.button(key="example_0").click().run()
+    at.button(key="this_1").click().run()
+    assert not at.exception and "Not recorded" in at.toast[0].value  # the log is off: nothing kept
+    assert not (catalog / "searches.db").exists()
+
+    with Catalog.open(catalog, check_models=False) as cat:
+        cat.log.keep(7)
+    at = start(monkeypatch, catalog)
+    at.button(key="example_1").click().run()
+    first = cards(at)[0][1]
+    at.slider(key="k").set_value(3).run()  # a new search: logged
+    at.button(key="this_1").click().run()  # the page runs again: the same search, not logged twice
+    assert not at.exception and first in at.toast[0].value
+    with Catalog.open(catalog, check_models=False) as cat:
+        kept = cat.log.searches()
+    assert [len(s["results"]) for s in kept] == [6, 3]  # k=12 over 6 products, then k=3
+    assert kept[1]["feedback"] == [{"kind": "click", "product_id": first, "at": kept[1]["feedback"][0]["at"]}]

@@ -211,3 +211,30 @@ def test_eval_never_searches_with_a_feedback_row(tmp_path, sneaker_folder):
     everything = evaluate(labels, Path("/"), "product", cache_path=cache).metrics
     kept = evaluate(labels, Path("/"), "product", cache_path=cache, never_query="fb=1").metrics
     assert everything["queries"] == 12 and kept["queries"] == 9 and np.isfinite(kept["recall@1"])
+
+
+def test_the_searches_report_shows_what_shoppers_look_for(tmp_path, branded_catalog):
+    from PIL import Image
+
+    catalog = tmp_path / "cat"
+    shutil.copytree(branded_catalog, catalog)
+    walls = []
+    for n, colour in enumerate(((128, 128, 120), (130, 127, 121), (40, 90, 160))):  # two alike, one other
+        walls.append(tmp_path / f"wall{n}.png")
+        Image.new("RGB", (300, 200), colour).save(walls[-1])
+    with Catalog.open(catalog) as cat:
+        cat.log.keep(7)
+        ((_, shoe),) = cat.examples(1)
+        found = cat.search(shoe, k=3, log=True)
+        cat.feedback(found.search_id, found.results[0].product_id, "click")
+        unanswered = [cat.search(w, k=3, log=True) for w in walls]
+    assert not found.no_match and all(u.no_match for u in unanswered)
+    out = tmp_path / "report.html"
+    assert "4 searches, 3 unanswered" in cli("searches", "report", "--catalog", str(catalog), "--out", str(out)).stdout
+    page = out.read_text()
+    assert "4 search(es) kept; <b>75.0%</b> answered" in page and "1 click(s)" in page
+    assert f'<td>{found.results[0].product_id}</td><td class="num">1</td>' in page
+    ctr = page[page.index('id="ctr"') : page.index("</table>", page.index('id="ctr"'))]
+    assert '<td class="num">1</td><td class="num">1</td><td class="num">1</td><td class="num">100.0%</td>' in ctr
+    gallery = page[page.index('id="unanswered"') :]
+    assert gallery.count("<figure>") == 2 and "2 search(es)" in gallery  # the two alike walls: one group

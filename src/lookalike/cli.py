@@ -249,6 +249,20 @@ def cmd_searches(args: argparse.Namespace) -> int:
             print(f"deleted {gone} search(es), their feedback and photos")
             return 0
         kept = cat.log.searches(_when(args.before))
+        if args.action == "report":
+            from lookalike.report import write_searches_report
+
+            unanswered = [s for s in kept if s["no_match"] or not s["results"]]
+            vectors = {}
+            for s in unanswered:  # a photo that no longer loads is left out of the gallery, not fatal
+                try:
+                    vectors[s["search_id"]] = cat.embed(s["photo"])
+                except LookalikeError:
+                    continue
+            path = write_searches_report(kept, vectors, Path(args.out), DUPLICATE_SCORE,
+                                         f"lookalike searches · {Path(args.catalog).name}")  # fmt: skip
+            print(f"report: {path} ({len(kept)} searches, {len(unanswered)} unanswered)")
+            return 0
     if args.action == "list":
         for s in kept:
             top = s["results"][0]["product_id"] if s["results"] else "no match"
@@ -499,12 +513,16 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("days", type=int)
     catalog_arg(sp)
     for name, text in (("list", "one line per kept search"), ("export", "kept searches as JSON lines"),
-                       ("purge", "delete searches, their feedback and photos")):  # fmt: skip
+                       ("purge", "delete searches, their feedback and photos"),
+                       ("report", "an HTML page: searches per day, no-match share, top products, click-through, "
+                                  "the unanswered searches' photos")):  # fmt: skip
         sp = acts.add_parser(name, help=text)
         catalog_arg(sp)
         sp.add_argument("--before", metavar="DATE", help="only searches before this date (YYYY-MM-DD, UTC)")
         if name == "export":
             sp.add_argument("--out", metavar="FILE", help="write here (default: standard output)")
+        if name == "report":
+            sp.add_argument("--out", metavar="OUT.html", required=True)
         if name == "purge":
             sp.add_argument("--all", action="store_true", help="every kept search")
     for action in acts.choices.values():
@@ -532,7 +550,11 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--option", action="append", metavar="KEY=VALUE",
                     help="tuning option, repeatable: views, epochs, tail_from, dim, margin, scale, lr, batch, "
                     "original_weight, size, seed")  # fmt: skip
-    sp.add_argument("--backgrounds", help="folder of photos (floors, streets) to paste shoes onto; default: synthetic")
+    sp.add_argument(
+        "--backgrounds",
+        help="folder of photos (floors, streets) to paste shoes onto; default: the floor photos "
+        "shipped with lookalike; none: synthetic backgrounds only",
+    )
     sp.add_argument("--threads", type=int, default=2)
     sp.add_argument("-q", "--quiet", action="store_true")
     sp.set_defaults(func=cmd_tune)

@@ -22,6 +22,7 @@ from lookalike.detect import Box
 from lookalike.encoder import Encoder, Progress, Query, StageProgress
 from lookalike.errors import FeedbackRefused, LookalikeError, VectorsChangedError
 from lookalike.feedback import FeedbackReport, import_labelled
+from lookalike.groups import near_groups
 from lookalike.images import DEFAULT_LIMITS, ImageInput, ImageSource, Limits, thumbnail_uri
 from lookalike.index import store_backend
 from lookalike.offline import Photos, default_cache, rank_products
@@ -40,7 +41,7 @@ __all__ = [
     "DEFAULT_RANK", "DUPLICATE_SCORE", "PULL_HINT", "RANKS", "Box", "BoxChoice", "Catalog", "Columns",
     "ImageSource", "IndexReport", "Item", "Limits", "Match", "Photos", "PipelineConfig", "Progress", "Query",
     "QueryInfo", "SearchResult", "StageProgress", "check_models", "default_cache", "pull_models", "rank_products",
-    "store_similarity", "thumbnail_uri",
+    "near_groups", "store_similarity", "thumbnail_uri",
 ]  # fmt: skip
 
 
@@ -328,7 +329,7 @@ class Catalog:
             area = (used.x1, used.y1, used.x2, used.y2) if used else (0, 0, *query.image.size)
             asked = {"k": k, "where": where, "box": box.kind if box else "auto", "rank": rank}
             shown = [(m.product_id, m.score) for m in result.results]
-            result.search_id = self.log.record(query.image, area, asked, shown)
+            result.search_id = self.log.record(query.image, area, asked, shown, result.no_match)
         return result
 
     def feedback(self, search_id: str, product_id: str, kind: str) -> int:

@@ -115,3 +115,66 @@ product's best image with its rank.</p>
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page, encoding="utf-8")
     return path
+
+
+# -- `lookalike searches report`: what a shop learns from its shoppers' searches ------------------------
+def write_searches_report(searches: list[dict], vectors: dict[str, object], path: Path, threshold: float,
+                          title: str = "lookalike searches") -> Path:  # fmt: skip
+    """Searches per day, the share answered "no close match", the most searched products, click-through
+    by rank and the unanswered searches' photos, near-identical ones grouped (`vectors`: the photo's
+    vector by search_id, for those). `searches`: the search log's entries (`SearchLog.searches`)."""
+    from collections import Counter
+    from datetime import UTC, datetime
+
+    import numpy as np
+
+    from lookalike.pipeline import near_groups
+
+    days = Counter(datetime.fromtimestamp(s["at"], UTC).strftime("%Y-%m-%d") for s in searches)
+    unanswered = [s for s in searches if s["no_match"] or not s["results"]]
+    top = Counter(s["results"][0]["product_id"] for s in searches if s["results"] and not s["no_match"])
+    shown_at: Counter = Counter()
+    clicked_at: Counter = Counter()
+    for s in searches:
+        order = [r["product_id"] for r in s["results"]]
+        for rank in range(1, len(order) + 1):
+            shown_at[rank] += 1
+        for f in s["feedback"]:
+            if f["kind"] in ("click", "purchase") and f["product_id"] in order:
+                clicked_at[order.index(f["product_id"]) + 1] += 1
+    per_day = "".join(f'<tr><td>{d}</td><td class="num">{n}</td></tr>' for d, n in sorted(days.items()))
+    products = "".join(f'<tr><td>{html.escape(p)}</td><td class="num">{n}</td></tr>' for p, n in top.most_common(20))
+    ctr = "".join(f'<tr><td class="num">{r}</td><td class="num">{shown_at[r]}</td><td class="num">{clicked_at[r]}</td>'
+                  f'<td class="num">{clicked_at[r] / shown_at[r]:.1%}</td></tr>' for r in sorted(shown_at))  # fmt: skip
+    with_vectors = [s for s in unanswered if s["search_id"] in vectors]
+    groups = near_groups(np.stack([vectors[s["search_id"]] for s in with_vectors]), threshold) if with_vectors else []
+    groups.sort(key=len, reverse=True)
+    gallery = "".join(
+        f"<figure>{_picture(with_vectors[g[0]]['photo'], _box(with_vectors[g[0]]))}<figcaption>"
+        f"{len(g)} search(es)<br>last {datetime.fromtimestamp(with_vectors[g[-1]]['at'], UTC):%Y-%m-%d}"
+        f"</figcaption></figure>"
+        for g in groups[:60]
+    )
+    share = len(unanswered) / len(searches) if searches else 0.0
+    page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>{CSS} .gallery {{display: flex; flex-wrap: wrap; gap: .75rem}}</style></head><body>
+<h1>{html.escape(title)}</h1>
+<p id="summary">{len(searches)} search(es) kept; <b>{share:.1%}</b> answered "no close match"
+({len(unanswered)}); {sum(clicked_at.values())} click(s) or purchase(s) on a result.</p>
+<h2>Searches per day</h2><table id="per-day"><tr><th>day (UTC)</th><th>searches</th></tr>{per_day}</table>
+<h2>Most searched products (the top result)</h2>
+<table id="products"><tr><th>product</th><th>searches</th></tr>{products}</table>
+<h2>Click-through by rank</h2>
+<table id="ctr"><tr><th>rank</th><th>shown</th><th>clicked</th><th>rate</th></tr>{ctr}</table>
+<h2>Unanswered searches: what shoppers look for that the catalog does not have</h2>
+<p>Each picture stands for a group of near-identical photos (the same shoe photographed alike), largest first.</p>
+<div id="unanswered" class="gallery">{gallery or "<p>None.</p>"}</div>
+</body></html>"""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+def _box(search: dict) -> tuple[float, float, float, float] | None:
+    return tuple(search["box"]) if search.get("box") else None

@@ -44,7 +44,8 @@ MIGRATIONS: dict[int, list[str]] = {
             photo TEXT NOT NULL,
             box TEXT,
             request TEXT NOT NULL,
-            results TEXT NOT NULL
+            results TEXT NOT NULL,
+            no_match INTEGER NOT NULL DEFAULT 0
         )""",
         "CREATE INDEX searches_at ON searches(at)",
         """CREATE TABLE feedback (
@@ -143,10 +144,11 @@ class SearchLog:
         self.expire()
 
     # -- searches ---------------------------------------------------------------------------------
-    def record(self, image: Image.Image, box: tuple | None, request: dict, results: list[tuple[str, float]]
-               ) -> str | None:  # fmt: skip
-        """Keep one search (the photo as searched, the box, what was asked, the products shown) when
-        the log is on; returns its search_id, or None when nothing was kept."""
+    def record(self, image: Image.Image, box: tuple | None, request: dict, results: list[tuple[str, float]],
+               no_match: bool = False) -> str | None:  # fmt: skip
+        """Keep one search (the photo as searched, the box, what was asked, the products shown, whether it
+        was answered "no close match") when the log is on; returns its search_id, or None when nothing
+        was kept."""
         days = self.keep_days()
         if not days:
             return None
@@ -154,9 +156,10 @@ class SearchLog:
             self.expire()
         photo = self._keep_photo(image)
         search_id = secrets.token_urlsafe(12)
-        self._write("INSERT INTO searches(search_id, at, photo, box, request, results) VALUES (?, ?, ?, ?, ?, ?)",
+        self._write("INSERT INTO searches(search_id, at, photo, box, request, results, no_match) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (search_id, time.time(), photo, json.dumps(box) if box else None, json.dumps(request),
-                     json.dumps([[p, round(s, 4)] for p, s in results])))  # fmt: skip
+                     json.dumps([[p, round(s, 4)] for p, s in results]), int(no_match)))  # fmt: skip
         return search_id
 
     def _keep_photo(self, image: Image.Image | bytes) -> str:
@@ -178,18 +181,18 @@ class SearchLog:
 
     def searches(self, before: float | None = None) -> list[dict]:
         """Kept searches, oldest first (before a time, if given), each with its feedback."""
-        rows = self._read("SELECT search_id, at, photo, box, request, results FROM searches WHERE at < ? ORDER BY at",
-                          (before if before is not None else float("inf"),))  # fmt: skip
+        rows = self._read("SELECT search_id, at, photo, box, request, results, no_match FROM searches "
+                          "WHERE at < ? ORDER BY at", (before if before is not None else float("inf"),))  # fmt: skip
         given: dict[str, list] = {}
         for search_id, kind, product_id, at in self._read(
             "SELECT search_id, kind, product_id, at FROM feedback WHERE search_id IS NOT NULL ORDER BY id"
         ):
             given.setdefault(search_id, []).append({"kind": kind, "product_id": product_id, "at": at})
         return [{"search_id": s, "at": at, "photo": str(self.photos / photo), "box": json.loads(box) if box else None,
-                 "request": json.loads(request),
+                 "request": json.loads(request), "no_match": bool(no_match),
                  "results": [{"product_id": p, "score": score} for p, score in json.loads(results)],
                  "feedback": given.get(s, [])}
-                for s, at, photo, box, request, results in rows]  # fmt: skip
+                for s, at, photo, box, request, results, no_match in rows]  # fmt: skip
 
     def purge(self, before: float | None = None) -> int:
         """Delete the searches before a time (all of them with None), their feedback and every photo
