@@ -74,8 +74,17 @@ def test_tuning_learns_from_feedback_photos_cropped_as_searched(tiny_catalog, sn
         manifest.write_text(f"photo,product_id\n{sorted(products[3].glob('*.jpg'))[6]},{products[3].name}\n")
         assert cat.import_feedback(manifest).imported == 1
         cat.remove([products[3].name])
-        report = cat.tune(TINY)
+        report = cat.tune({**TINY, "feedback_trust": "0.2", "feedback_cap": "2"})  # the guards' code runs too
     assert report["feedback_photos"] == 3 and report["images"] == 12 + 3  # the removed product's photo left out
+
+
+def test_one_products_feedback_is_capped():
+    from lookalike.tune import _feedback_weights
+
+    labels = np.repeat(np.array([0, 0, 0, 1, 1, 1, 1, 1, 2]), 2)  # 2 views a photo
+    shopper = np.repeat(np.array([True, False, False, True, True, True, True, False, True]), 2)
+    weights = _feedback_weights(labels, shopper, cap=2, views=2)
+    assert weights.tolist() == [1, 1, 1, 1, 1, 1, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 1, 1, 1, 1]
 
 
 def test_stopping_tuning_half_way_leaves_the_catalog_as_it_was(tiny_catalog):

@@ -71,6 +71,10 @@ class TuneOptions:
     backgrounds: str | None = BUILTIN
     pairs: float = 0.3  # share of views showing a pair (a second, shifted copy), as worn photos crop both shoes
     legs: float = 0.3  # share of views with a trouser leg over the top of the shoe, as worn photos have
+    # noisy feedback (a shopper clicks a lookalike): after the first epoch, a feedback photo whose product's
+    # proxies do not claim it (wrong labels are learned last) weighs this much from then on; 1 = no guard
+    feedback_trust: float = 1.0
+    feedback_cap: int = 100  # one product's feedback photos weigh together at most as much as this many
 
     def __post_init__(self) -> None:
         checks = [
@@ -80,6 +84,7 @@ class TuneOptions:
             ("scale", 1 <= self.scale <= 128), ("lr", 0 < self.lr < 1),
             ("blocks_lr", 0 <= self.blocks_lr <= 10), ("pairs", 0 <= self.pairs <= 1), ("legs", 0 <= self.legs <= 1),
             ("batch", 8 <= self.batch <= 4096), ("original_weight", 0 <= self.original_weight < 1),
+            ("feedback_trust", 0 <= self.feedback_trust <= 1), ("feedback_cap", 1 <= self.feedback_cap <= 100_000),
             ("size", self.size % 32 == 0 and 96 <= self.size <= 640),
             ("train_size", self.train_size == 0 or (self.train_size % 32 == 0 and 96 <= self.train_size <= 640)),
         ]  # fmt: skip
@@ -376,8 +381,9 @@ def _keep_freed_memory() -> None:
 
 
 def train(maps: np.ndarray, labels: np.ndarray, tail, options: TuneOptions, progress: Progress | None = None,
-          should_stop: Callable[[], bool] = lambda: False):  # fmt: skip
-    """Train `tail` + a projection with CosFace on cached trunk maps; returns (projection, loss, accuracy)."""
+          should_stop: Callable[[], bool] = lambda: False, shopper: np.ndarray | None = None):  # fmt: skip
+    """Train `tail` + a projection with CosFace on cached trunk maps; returns (projection, loss, accuracy).
+    `shopper`: which maps are views of feedback photos (weighed by `feedback_cap` and `feedback_trust`)."""
     torch = _torch()
     nn = torch.nn
     torch.manual_seed(options.seed)
@@ -403,8 +409,11 @@ def train(maps: np.ndarray, labels: np.ndarray, tail, options: TuneOptions, prog
         optimizer, lambda k: min(1.0, (k + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(k, steps) / steps))
     )
     rng = np.random.default_rng(options.seed)
+    weights = _feedback_weights(labels, shopper, options.feedback_cap, options.views)
     step, loss_value, correct, seen = 0, float("nan"), 0, 0
-    for _ in range(options.epochs):
+    for epoch in range(options.epochs):
+        if epoch == 1 and shopper is not None and shopper.any() and options.feedback_trust < 1:
+            weights = weights * _trust(maps, labels, shopper, tail, projection, proxies, options, device)
         order = rng.permutation(len(maps))
         correct = seen = 0
         for start in range(0, len(order), options.batch):
@@ -417,7 +426,8 @@ def train(maps: np.ndarray, labels: np.ndarray, tail, options: TuneOptions, prog
             cos = z @ nn.functional.normalize(proxies, dim=1).T  # [batch, classes * subcenters]
             cos = cos.view(len(idx), classes, options.subcenters).amax(dim=2)  # a product: its nearest centre
             logits = options.scale * (cos - options.margin * nn.functional.one_hot(y, classes))
-            loss = nn.functional.cross_entropy(logits, y)
+            w = torch.from_numpy(weights[idx]).to(device)
+            loss = (nn.functional.cross_entropy(logits, y, reduction="none") * w).sum() / w.sum().clamp_min(1e-6)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -430,6 +440,44 @@ def train(maps: np.ndarray, labels: np.ndarray, tail, options: TuneOptions, prog
                 progress("training", step, steps)
     tail.eval().to("cpu", memory_format=torch.contiguous_format)  # exported on the CPU
     return projection.to("cpu"), loss_value, correct / max(seen, 1)
+
+
+def _feedback_weights(labels: np.ndarray, shopper: np.ndarray | None, cap: int, views: int) -> np.ndarray:
+    """1 for catalog views; a product's feedback photos weigh together at most as much as `cap` photos
+    (each photo has `views` views), so one product's flood of clicks cannot take the training over."""
+    weights = np.ones(len(labels), dtype=np.float32)
+    if shopper is None or not shopper.any():
+        return weights
+    photos = np.bincount(labels[shopper], minlength=int(labels.max()) + 1) / views
+    share = np.minimum(1.0, cap / np.maximum(photos, 1))
+    weights[shopper] = share[labels[shopper]]
+    return weights
+
+
+def _trust(maps, labels, shopper, tail, projection, proxies, options: TuneOptions, device) -> np.ndarray:
+    """After the first epoch: feedback views whose product's proxies claim their photo's clean view
+    keep their weight, the others weigh `feedback_trust` (mislabelled photos are the last learned)."""
+    torch = _torch()
+    nn = torch.nn
+    classes = int(labels.max()) + 1
+    out = np.ones(len(labels), dtype=np.float32)
+    first = np.nonzero(shopper)[0][:: options.views]  # each feedback photo's clean view
+    tail.eval()
+    with torch.no_grad():
+        for start in range(0, len(first), options.batch):
+            idx = first[start : start + options.batch]
+            x = torch.from_numpy(maps[idx].astype(np.float32)).to(device).contiguous(memory_format=torch.channels_last)
+            z = nn.functional.normalize(projection(tail(x)), dim=1)
+            cos = (z @ nn.functional.normalize(proxies, dim=1).T).view(len(idx), classes, options.subcenters).amax(2)
+            claimed = cos.argmax(1).cpu().numpy() == labels[idx]
+            for i, ok in zip(idx, claimed, strict=True):
+                if not ok:
+                    out[i : i + options.views] = options.feedback_trust
+    tail.train()
+    for m in tail.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+    return out
 
 
 def export_tuned(trunk, original, tuned, projection, options: TuneOptions, path: Path) -> None:
@@ -490,7 +538,8 @@ def tune_model(crops: list[Image.Image], labels: list[str], out: Path, options: 
         t0 = time.perf_counter()
         maps = trunk_views(crops, options, trunk_path, progress, threads, shopper)
     t1 = time.perf_counter()
-    projection, loss, accuracy = train(maps, y, tuned, options, progress)
+    views_of_shoppers = np.repeat(np.asarray(shopper or [False] * len(crops), dtype=bool), options.views)
+    projection, loss, accuracy = train(maps, y, tuned, options, progress, shopper=views_of_shoppers)
     t2 = time.perf_counter()
     export_tuned(trunk, original, tuned, projection, options, out)
     return TuneReport(
