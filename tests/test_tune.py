@@ -268,3 +268,18 @@ def test_pair_and_leg_views_look_like_worn_photos():
     assert top > 0.2  # something comes down from the top edge
     views = [augment(shot, random.Random(s), 160, [], pairs=1.0, legs=1.0) for s in range(4)]
     assert all(v.size == (160, 160) and v.mode == "RGB" for v in views)
+
+
+def test_the_default_backgrounds_ship_with_the_package():
+    """Floor photos (clothing_small_shoes, CC0) are tuning's default backgrounds: inside the package, and
+    declared as package data so a wheel carries them."""
+    import tomllib
+
+    from lookalike.tune import TuneOptions, _backgrounds
+
+    photos = _backgrounds(TuneOptions().backgrounds)
+    assert len(photos) == 297 and all(p.parent.name == "backgrounds" for p in photos)
+    assert "CC0" in (photos[0].parent / "LICENSE").read_text()
+    assert _backgrounds("none") == []
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert "backgrounds/*.jpg" in project["tool"]["setuptools"]["package-data"]["lookalike"]
