@@ -59,7 +59,8 @@ def test_search_upload_same_json_as_the_cli(client, api_catalog):
     r = client.post("/search", files={"image": ("q.jpg", data, "image/jpeg")}, data={"k": "3"})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert set(body) == {"query", "no_match", "threshold", "results"} and len(body["results"]) == 3
+    assert set(body) == {"query", "no_match", "threshold", "results", "search_id"} and len(body["results"]) == 3
+    assert body["search_id"] is None  # the search log is off unless the shop turns it on
     assert body["no_match"] is False
     assert body["results"][0]["product_id"] == product_id
     assert set(body["results"][0]) == {"product_id", "score", "image", "metadata"}

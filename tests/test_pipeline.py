@@ -78,7 +78,7 @@ def test_cli_search_json(sneaker_catalog):
     _, probe = sneakers_split()
     photo = str(dataset_path("sneakers50", probe[0]))
     out = json.loads(cli("search", photo, "--catalog", str(sneaker_catalog), "-k", "5", "--json").stdout)
-    assert set(out) == {"query", "no_match", "threshold", "results"} and len(out["results"]) == 5
+    assert set(out) == {"query", "no_match", "threshold", "results", "search_id"} and len(out["results"]) == 5
     assert out["no_match"] is False and 0 < out["threshold"] <= out["results"][0]["score"]
     assert set(out["results"][0]) == {"product_id", "score", "image", "metadata"}
     assert Path(out["results"][0]["image"]).exists()
