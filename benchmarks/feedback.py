@@ -125,11 +125,63 @@ def measure(labels: Path, query: str, feedback: str | None) -> dict:
     return out
 
 
+def product_recall(
+    queries: np.ndarray, gallery: np.ndarray, labels: list[str], truth: list[str]
+) -> tuple[float, float]:
+    """Product-level R@1 / R@10 (best image), as search ranks."""
+    sim, names = rank_products(queries @ gallery.T, labels, "best")
+    order = np.argsort(-sim, axis=1)
+    r1 = np.mean([names[o[0]] == t for o, t in zip(order, truth, strict=True)])
+    r10 = np.mean([t in [names[j] for j in o[:10]] for o, t in zip(order, truth, strict=True)])
+    return round(float(r1), 4), round(float(r10), 4)
+
+
+def reweighted(x: np.ndarray, w: float, tuned_dim: int = 512) -> np.ndarray:
+    """A tuned vector [tuned, original] as if exported with original_weight w (each part unit length,
+    weighed by square roots, so that a cosine is (1 - w) tuned + w original)."""
+    t, o = x[:, :tuned_dim], x[:, tuned_dim:]
+    t = t / np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-12)
+    o = o / np.maximum(np.linalg.norm(o, axis=1, keepdims=True), 1e-12)
+    return np.concatenate([np.sqrt(1 - w) * t, np.sqrt(w) * o], axis=1)
+
+
+def checks(rows: list[dict], base: Path | None, tuned: Path) -> dict:
+    """Two cheap checks on cached vectors: the untuned vector's weight in a tuned one (re-weighted from
+    its two unit parts, exact: the export weighs them by the square roots), and half A's photos with
+    their true labels as extra references at search time."""
+    cat = [i for i, r in enumerate(rows) if r["scene"] == "catalog"]
+    a = [i for i, r in enumerate(rows) if r["half"] == "A"]
+    b = [i for i, r in enumerate(rows) if r["half"] == "B"]
+    truth = [rows[i]["product"] for i in b]
+    out: dict = {"original_weight": {}, "references": {}}
+
+    def vectors(model: Path | None, idx: list[int]) -> np.ndarray:
+        options = {"whiten": "0", **({"embedder": str(model)} if model else {})}
+        v, _ = Photos(PipelineConfig().with_options(options), 2).vectors([rows[i]["__path__"] for i in idx])
+        return np.nan_to_num(v)
+
+    vc, vb = vectors(tuned, cat), vectors(tuned, b)
+    for w in (0.0, 0.25, 0.5, 0.75):
+        q, g = (reweighted(x, w) for x in (vb, vc))
+        out["original_weight"][str(w)] = product_recall(q, g, [rows[i]["product"] for i in cat], truth)
+    for name, model in (("untuned", None), ("catalog-tuned", base)):
+        vc, va, vb = vectors(model, cat), vectors(model, a), vectors(model, b)
+        labels = [rows[i]["product"] for i in cat]
+        out["references"][name] = {
+            "catalog": product_recall(vb, vc, labels, truth),
+            "catalog + half A": product_recall(
+                vb, np.vstack([vc, va]), labels + [rows[i]["product"] for i in a], truth
+            ),
+        }
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", default="base,wrong10,clean,wrong25")
     ap.add_argument("--amounts", default="", help="shares of half A searched, for the curve (with wrong10)")
     ap.add_argument("--open-set", action="store_true")
+    ap.add_argument("--checks", action="store_true", help="the original_weight and references checks (cached)")
     ap.add_argument("--json", type=Path, default=OUT / "feedback.json")
     args = ap.parse_args()
     rows = split_halves()
@@ -170,6 +222,12 @@ def main() -> None:
         value["clicks"] = len(clicked)
         value["wrong_clicks"] = sum(rows[i]["product"] != p for i, p in clicked.items())
         save(name, value)
+    if args.checks:  # on the wrong10 model (it is tuned here first if it is not cached)
+        picked = clicks(shown, truth, 0.1, 1.0)
+        path = OUT / "suite_f_wrong10.csv"
+        write_labels(rows, {i: p for i, p in zip(a, picked, strict=True) if p is not None}, path)
+        tuned, _ = tune_on_rows(path, S50, "label", "scene=catalog", {}, feedback="fb=1")
+        save("checks", checks(rows, base_model, tuned))
     if args.open_set:  # feedback for products 1-25 only; products 26-50 searched
         picked = clicks(shown, truth, 0.1, 1.0)
         clicked = {i: p for i, p in zip(a, picked, strict=True) if p is not None and rows[i]["first25"]}
