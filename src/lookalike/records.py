@@ -150,7 +150,7 @@ class Records:
                 f"{self.directory}: catalog schema {version} is newer than this lookalike ({SCHEMA_VERSION})"
             )
         for v in range(version + 1, SCHEMA_VERSION + 1):
-            with _Transaction(self.wdb):
+            with Transaction(self.wdb):
                 for step in MIGRATIONS[v]:
                     step(self.wdb) if callable(step) else self.wdb.execute(step)
                 self.wdb.execute(f"PRAGMA user_version={v}")
@@ -159,7 +159,7 @@ class Records:
     def writing(self, notify: bool = True) -> Iterator[sqlite3.Connection]:
         """One write transaction on the write connection, then (`notify`) the `after_write` callables.
         Readers are not held up by the transaction: they take `lock`, not `write_lock`."""
-        with self.write_lock, _Transaction(self.wdb) as db:
+        with self.write_lock, Transaction(self.wdb) as db:
             yield db
         if notify:
             for follow in self.after_write:
@@ -168,7 +168,7 @@ class Records:
     @contextmanager
     def reading(self) -> Iterator[Snapshot]:
         """Several reads in one snapshot, on the shared read connection."""
-        with self.lock, _Transaction(self.db, write=False):
+        with self.lock, Transaction(self.db, write=False):
             yield Snapshot(self.db)
 
     @contextmanager
@@ -177,7 +177,7 @@ class Records:
         hold the shared connection."""
         db = connect(self.directory / DB_NAME)
         try:
-            with _Transaction(db, write=False):
+            with Transaction(db, write=False):
                 yield Snapshot(db)
         finally:
             db.close()
@@ -519,7 +519,7 @@ def _relative_uploads(db: sqlite3.Connection) -> None:
             db.execute("UPDATE images SET image=?, source='api' WHERE id=?", (match.group(1), image_id))
 
 
-class _Transaction:
+class Transaction:
     """One transaction. A write takes the write lock at once (IMMEDIATE) and rolls back on error; a read
     (write=False) lets several SELECTs see one snapshot (WAL readers never block writers)."""
 

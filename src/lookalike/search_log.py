@@ -27,7 +27,7 @@ from PIL import Image
 from lookalike.errors import FeedbackRefused, LookalikeError
 from lookalike.files import replace_atomically
 from lookalike.images import sha256_bytes
-from lookalike.records import connect
+from lookalike.records import Transaction, connect
 
 LOG_NAME = "searches.db"
 PHOTOS = "shoppers"
@@ -59,6 +59,8 @@ MIGRATIONS: dict[int, list[str]] = {
             origin TEXT NOT NULL
         )""",
         "CREATE INDEX feedback_search ON feedback(search_id)",
+        "CREATE INDEX searches_photo ON searches(photo)",  # whether a photo's file is still used
+        "CREATE INDEX feedback_photo ON feedback(photo)",
     ],
 }
 
@@ -101,26 +103,17 @@ class SearchLog:
                     db.close()
                     raise LookalikeError(f"{self.path}: search log schema {version} is newer than this lookalike")
                 for v in range(version + 1, SCHEMA_VERSION + 1):
-                    db.execute("BEGIN IMMEDIATE")
-                    for step in MIGRATIONS[v]:
-                        db.execute(step)
-                    db.execute(f"PRAGMA user_version={v}")
-                    db.execute("COMMIT")
+                    with Transaction(db):
+                        for step in MIGRATIONS[v]:
+                            db.execute(step)
+                        db.execute(f"PRAGMA user_version={v}")
                 self._db = db
             return self._db
 
-    def _write(self, sql: str, params: tuple | list = (), many: bool = False) -> int:
+    def _write(self, sql: str, params: tuple | list = ()) -> int:
         """One statement in its own transaction (durable when this returns); the row id it inserted."""
-        with self.lock:
-            db = self._open(create=True)
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                cursor = db.executemany(sql, params) if many else db.execute(sql, params)
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-            return cursor.lastrowid
+        with self.lock, Transaction(self._open(create=True)) as db:
+            return db.execute(sql, params).lastrowid
 
     def _read(self, sql: str, params: tuple | list = ()) -> list[tuple]:
         with self.lock:
@@ -162,15 +155,12 @@ class SearchLog:
                      json.dumps([[p, round(s, 4)] for p, s in results]), int(no_match)))  # fmt: skip
         return search_id
 
-    def _keep_photo(self, image: Image.Image | bytes) -> str:
-        """The photo's file under shoppers/, named by the hash of what is stored (a decoded image is
-        stored as JPEG: upright, no EXIF)."""
-        if isinstance(image, Image.Image):
-            buf = io.BytesIO()
-            image.convert("RGB").save(buf, format="JPEG", quality=92)
-            data = buf.getvalue()
-        else:
-            data = image
+    def _keep_photo(self, image: Image.Image) -> str:
+        """The photo's file under shoppers/, stored as decoded (JPEG: upright, no EXIF), named by the
+        hash of what is stored."""
+        buf = io.BytesIO()
+        image.convert("RGB").save(buf, format="JPEG", quality=92)
+        data = buf.getvalue()
         sha = sha256_bytes(data)
         folder = self.photos / sha[:2]
         folder.mkdir(parents=True, exist_ok=True)
@@ -195,18 +185,15 @@ class SearchLog:
                 for s, at, photo, box, request, results, no_match in rows]  # fmt: skip
 
     def purge(self, before: float | None = None) -> int:
-        """Delete the searches before a time (all of them with None), their feedback and every photo
+        """Delete the searches before a time (all of them with None), their feedback and the photos
         nothing kept refers to any more; returns the searches deleted."""
         cut = before if before is not None else float("inf")
-        with self.lock:
-            if self._open() is None:
-                return 0
-            gone = self._read("SELECT COUNT(*) FROM searches WHERE at < ?", (cut,))[0][0]
-            self._write("DELETE FROM feedback WHERE search_id IN (SELECT search_id FROM searches WHERE at < ?)", (cut,))
-            self._write("DELETE FROM searches WHERE at < ?", (cut,))
-            self._drop_unused_photos()
-            self._open().execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        return gone
+        photos = [r[0] for r in self._read("SELECT photo FROM searches WHERE at < ?", (cut,))]
+        if photos or before is None:
+            self._delete([("DELETE FROM feedback WHERE search_id IN (SELECT search_id FROM searches WHERE at < ?)",
+                           (cut,)), ("DELETE FROM searches WHERE at < ?", (cut,))], set(photos),
+                         sweep=before is None)  # fmt: skip
+        return len(photos)
 
     def expire(self) -> int:
         """Delete what is older than the log keeps (nothing while the log was never on)."""
@@ -216,13 +203,23 @@ class SearchLog:
             return 0
         return self.purge(time.time() - days * 86400)
 
-    def _drop_unused_photos(self) -> None:
-        used = {r[0] for r in self._read("SELECT photo FROM searches UNION SELECT photo FROM feedback")}
-        if not self.photos.is_dir():
-            return
-        for path in self.photos.glob("*/*"):
-            if f"{path.parent.name}/{path.name}" not in used:
-                path.unlink(missing_ok=True)
+    def _delete(self, statements: list[tuple[str, tuple]], photos: set[str], sweep: bool = False) -> None:
+        """These deletes in one transaction, then the files of those photos that nothing kept refers to
+        any more (`sweep`: of every such photo, strays a crash left included); the WAL truncated."""
+        with self.lock:
+            db = self._open()
+            if db is None:
+                return
+            with Transaction(db):
+                for sql, params in statements:
+                    db.execute(sql, params)
+            if sweep and self.photos.is_dir():
+                photos |= {f"{p.parent.name}/{p.name}" for p in self.photos.glob("*/*")}
+            used = "SELECT 1 FROM searches WHERE photo = ? UNION ALL SELECT 1 FROM feedback WHERE photo = ? LIMIT 1"
+            for photo in photos:
+                if not db.execute(used, (photo, photo)).fetchone():
+                    (self.photos / photo).unlink(missing_ok=True)
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     # -- feedback ---------------------------------------------------------------------------------
     def feedback(self, search_id: str, product_id: str, kind: str, origin: str = "api") -> int:
@@ -255,18 +252,14 @@ class SearchLog:
 
     def remove_feedback(self, ids: list[int] | None = None) -> int:
         """Delete feedback by id (every imported photo with None) and the photos nothing refers to."""
-        with self.lock:
-            if self._open() is None:
-                return 0
-            if ids is None:
-                gone = self._read("SELECT COUNT(*) FROM feedback WHERE kind = ?", (LABEL,))[0][0]
-                self._write("DELETE FROM feedback WHERE kind = ?", (LABEL,))
-            else:
-                gone = len(self._read(f"SELECT id FROM feedback WHERE id IN ({','.join('?' * len(ids))})", ids))
-                self._write("DELETE FROM feedback WHERE id = ?", [(i,) for i in ids], many=True)
-            self._drop_unused_photos()
-            self._open().execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        return gone
+        if ids is None:
+            where, params = "kind = ?", (LABEL,)
+        else:
+            where, params = f"id IN ({','.join('?' * len(ids))})", tuple(ids)
+        photos = [r[0] for r in self._read(f"SELECT photo FROM feedback WHERE {where}", params)]
+        if photos:
+            self._delete([(f"DELETE FROM feedback WHERE {where}", params)], set(photos))
+        return len(photos)
 
     def close(self) -> None:
         with self.lock:
