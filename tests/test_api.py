@@ -67,6 +67,10 @@ def test_search_upload_same_json_as_the_cli(client, api_catalog):
     assert body["results"][0]["metadata"]["brand"] in ("Nike", "Vans")
     filtered = client.post("/search", files={"image": ("q.jpg", data)}, data={"k": "10", "where": '{"brand": "Nike"}'})
     assert {m["metadata"]["brand"] for m in filtered.json()["results"]} == {"Nike"}
+    by_brand = client.post("/search", files={"image": ("q.jpg", data)}, data={"k": "5", "collapse": "brand"}).json()
+    assert [m["metadata"]["brand"] for m in by_brand["results"]] in (["Nike", "Vans"], ["Vans", "Nike"])
+    as_json = client.post("/search", json={"url": "http://127.0.0.1/x.jpg", "collapse": ""})
+    assert as_json.status_code == 422 and "collapse" in as_json.text
     whole = client.post("/search", files={"image": ("q.jpg", data)}, data={"box": "whole"}).json()
     assert whole["query"]["crop"] == "whole"
     stats = client.get("/stats").json()

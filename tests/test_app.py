@@ -75,6 +75,12 @@ def test_filters_from_metadata(monkeypatch, branded_catalog):
     assert len(found) == 3  # three Nike products in the catalog
     texts = [m.value for m in at.markdown if 'class="lookalike-card"' in m.value]
     assert all("Nike" in t and "https://shop.example/" in t for t in texts)
+    # a number is a range (the branded catalog's prices are 0, 10, ... 50); a link is no filter
+    assert at.slider(key="filter_price").value == (0.0, 50.0) and "filter_url" not in [w.key for w in at.selectbox]
+    at.selectbox(key="filter_brand").select("(any)").run()
+    at.slider(key="filter_price").set_value((15.0, 50.0)).run()
+    texts = [m.value for m in at.markdown if 'class="lookalike-card"' in m.value]
+    assert len(texts) == 4 and all(f" · {price}" not in t for t in texts for price in (0, 10))
 
 
 def test_refused_url_is_a_clear_message(monkeypatch, sneaker_catalog):

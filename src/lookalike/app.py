@@ -30,12 +30,13 @@ COLUMNS = 4
 CLICK_PX = 6  # a press and release this close (in displayed pixels) is a click, not a drawn box
 SHOWN_PX = 900  # the photo is sent to the browser at most this wide or high (clicks are scaled back)
 ANYWAY = -1.0  # "closest products anyway": every result, whatever its score
+GROUP_KEY = "item_group_id"  # a feed's variants of one model (Merchant Center): "one result per model"
 CARD_CSS = """<style>
-.lookalike-card {height: 18.5rem; display: flex; flex-direction: column; gap: .25rem; overflow: hidden;
+.lookalike-card {min-height: 18.5rem; display: flex; flex-direction: column; gap: .25rem; overflow: hidden;
   border: 1px solid rgba(128, 128, 128, .3); border-radius: .5rem; padding: .5rem; margin-bottom: .4rem}
 .lookalike-card img {width: 100%; height: 12rem; object-fit: contain; background: #fff; border-radius: .3rem}
 .lookalike-card .name {font-weight: 600; white-space: nowrap; overflow: hidden; text-overflow: ellipsis}
-.lookalike-card .meta {font-size: .85rem; opacity: .8; overflow: hidden; max-height: 3.6rem}
+.lookalike-card .meta {font-size: .85rem; opacity: .8; overflow-wrap: anywhere}
 .lookalike-card .noimage {height: 12rem; display: flex; align-items: center; justify-content: center; opacity: .6}
 </style>"""
 
@@ -197,15 +198,27 @@ def show_photo(query: Query, used: Box | None) -> None:
     st.caption(hint or f"{st.session_state['query_name']} · click a box, or drag across a shoe to draw one")
 
 
-def filters(cat: Catalog) -> dict[str, str] | None:
+def filters(cat: Catalog) -> tuple[dict[str, str] | None, str | None]:
+    """The sidebar's filters (a choice per listed key, a range per numeric one, a price with its currency)
+    and the collapse toggle, as (where, collapse)."""
     where = {}
-    for key, values in cat.metadata_values().items():
-        if len(values) < 2:
-            continue
-        value = st.sidebar.selectbox(key, ["(any)", *values], key=f"filter_{key}")
-        if value != "(any)":
-            where[key] = value
-    return where or None
+    menus = cat.metadata_values()
+    currency = menus.get("currency")
+    for key, menu in menus.items():
+        if isinstance(menu, tuple):
+            low, high = float(menu[0]), float(menu[1])
+            unit = f" ({currency[0]})" if key == "price" and isinstance(currency, list) and len(currency) == 1 else ""
+            chosen = st.sidebar.slider(f"{key}{unit}", low, high, (low, high), key=f"filter_{key}")
+            if tuple(chosen) != (low, high):
+                where[key] = f"{chosen[0]}..{chosen[1]}"
+        elif len(menu) >= 2:
+            value = st.sidebar.selectbox(key, ["(any)", *menu], key=f"filter_{key}")
+            if value != "(any)":
+                where[key] = value
+    collapse = GROUP_KEY in menus and st.sidebar.checkbox(
+        "One result per model", key="collapse", help=f"the best of each model's variants (same {GROUP_KEY})"
+    )
+    return where or None, GROUP_KEY if collapse else None
 
 
 def thumbnail(image: str) -> str | None:
@@ -230,8 +243,9 @@ def card(rank: int, match, row: str = "") -> str:
     link from its metadata when it has them, and the score."""
     meta = match.metadata
     name = meta.get("name") or meta.get("title") or meta.get("productDisplayName") or match.product_id
+    shown = {**meta, "price": f"{meta['price']} {meta.get('currency', '')}".strip()} if "price" in meta else meta
     details = " · ".join(
-        html.escape(str(meta[k])) for k in ("brand", "category", "colour", "color", "baseColour", "price") if k in meta
+        html.escape(str(shown[k])) for k in ("brand", "category", "colour", "color", "baseColour", "price") if k in meta
     )
     link = meta.get("url") or meta.get("link")
     link_html = f' · <a href="{html.escape(str(link))}" target="_blank">open</a>' if link else ""
@@ -304,13 +318,13 @@ def logged_search(cat: Catalog, query: Query, **asked) -> SearchResult:
     return result
 
 
-def show_every_shoe(cat: Catalog, query: Query, k: int, where: dict | None, min_score: float | None) -> None:
-    """One row of results per detected shoe."""
+def show_every_shoe(cat: Catalog, query: Query, k: int, where: dict | None, **asked) -> None:
+    """One row of results per detected shoe (`asked`: min_score, collapse)."""
     for n, box in enumerate(query.boxes):
         st.markdown(f"**Shoe {n + 1}** · {html.escape(box.label)} {box.score:.2f}")
         try:
             result = logged_search(cat, query, k=min(k, 2 * COLUMNS), where=where, box=BoxChoice.detected(n),
-                                   min_score=min_score)  # fmt: skip
+                                   **asked)  # fmt: skip
         except LookalikeError as e:
             st.error(str(e))
             continue
@@ -361,8 +375,8 @@ def main() -> None:
     anyway = st.sidebar.checkbox("Closest products anyway", key="anyway",
                                  help="show results even when nothing scores above the catalog's no-close-match "
                                       "threshold (it is still said)")  # fmt: skip
-    min_score = ANYWAY if anyway else None
-    where = filters(cat)
+    where, collapse = filters(cat)
+    asked = {"min_score": ANYWAY if anyway else None, "collapse": collapse}
     query_inputs(cat)
     if "load_error" in st.session_state:
         st.error(st.session_state["load_error"])
@@ -379,14 +393,14 @@ def main() -> None:
         every = len(query.boxes) > 1 and st.checkbox(f"Search every shoe ({len(query.boxes)}), a row each",
                                                      key="every_shoe")  # fmt: skip
         try:
-            result = None if every else logged_search(cat, query, k=k, where=where, box=box, min_score=min_score)
+            result = None if every else logged_search(cat, query, k=k, where=where, box=box, **asked)
         except LookalikeError as e:
             st.error(str(e))
             return
         show_photo(query, None if result is None else result.query.box_used)
     with right:
         if result is None:
-            show_every_shoe(cat, query, k, where, min_score)
+            show_every_shoe(cat, query, k, where, **asked)
         else:
             show_results(cat, result)
 

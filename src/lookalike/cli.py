@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 from datetime import UTC
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from lookalike.pipeline import (
     BoxChoice,
     Catalog,
     Columns,
+    Limits,
     PipelineConfig,
     check_models,
     pull_models,
@@ -39,36 +41,47 @@ def _where(pairs: list[str]) -> dict[str, str] | None:
 
 
 class Bars:
-    """Progress bars with an ETA on stderr, one per stage of a long job: the one progress adapter."""
+    """Progress bars with an ETA on stderr, one per stage of a long job: the one progress adapter. Stages
+    that run side by side (fetching and indexing) each keep a bar, so their rates show apart; safe to call
+    from several threads."""
 
     def __init__(self, quiet: bool = False, unit: str = "img"):
-        self.quiet, self.unit, self.bar, self.stage = quiet, unit, None, None
+        self.quiet, self.unit, self.bars = quiet, unit, {}
+        self._lock = threading.Lock()
 
     def __call__(self, stage: str, done: int, total: int | None) -> None:
         from tqdm import tqdm
 
-        if stage != self.stage:
-            self.close()
-            self.stage = stage
-            self.bar = tqdm(total=total, desc=stage, unit="step" if stage == "training" else self.unit,
-                            disable=self.quiet or None, file=sys.stderr)  # fmt: skip
-        self.bar.total = total
-        self.bar.update(done - self.bar.n)
+        with self._lock:
+            bar = self.bars.get(stage)
+            if bar is None:
+                bar = self.bars[stage] = tqdm(
+                    total=total, desc=stage, unit="step" if stage == "training" else self.unit,
+                    disable=self.quiet or None, file=sys.stderr, position=len(self.bars),
+                )  # fmt: skip
+            bar.total = total
+            bar.update(done - bar.n)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+        with self._lock:
+            for bar in self.bars.values():
+                bar.close()
+            self.bars = {}
 
 
 def cmd_index(args: argparse.Namespace) -> int:
     options = dict(_where(args.config) or {})
     options.update({k: v for k, v in (("detector", args.detector), ("embedder", args.embedder)) if v})
     config = PipelineConfig().with_options(options) if options else None
-    with Catalog.open(args.catalog, config=config, create=True, threads=args.threads, store=args.store) as cat:
+    limits = Limits(allow_private_urls=args.allow_private_urls)
+    with Catalog.open(args.catalog, config=config, create=True, threads=args.threads, store=args.store,
+                      limits=limits) as cat:  # fmt: skip
         bars = Bars(args.quiet)
         columns = Columns(
-            args.id_column, args.image_column, tuple(args.metadata_column) if args.metadata_column else None
+            args.id_column,
+            args.image_column,
+            tuple(args.metadata_column) if args.metadata_column else None,
+            args.format,
         )
         report = cat.index(args.source, progress=bars, prune=not args.keep_missing, dry_run=args.dry_run,
                            ray=args.ray, workers=args.workers, columns=columns)  # fmt: skip
@@ -96,12 +109,17 @@ def cmd_index(args: argparse.Namespace) -> int:
                 f"{report.unchanged} unchanged, {report.removed} removed, {len(report.failed)} skipped "
                 f"in {report.seconds:.1f} s; catalog: {info['products']} products, {info['images']} images"
             )
+            if d := report.downloads:
+                print(f"downloads: {d['requests']} request(s), {d['bytes'] / 1e6:.1f} MB, {d['not_modified']} "
+                      f"unchanged (not downloaded again), {d['retries']} tried again")  # fmt: skip
     return EXIT_SKIPPED if report.failed else 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
     if (args.image is None) == (args.product is None):
         raise LookalikeError("search: give a photo (IMAGE) or --product ID, one of the two")
+    if args.product is not None and args.collapse is not None:
+        raise LookalikeError("search: --collapse applies to a photo search")
     if args.product is not None and args.min_score is not None:
         raise LookalikeError("search: --min-score applies to a photo search (more like a product has no threshold)")
     with Catalog.open(args.catalog, threads=args.threads) as cat:
@@ -109,7 +127,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             result = cat.similar(args.product, k=args.k, where=_where(args.where), rank=args.rank)
         else:
             result = cat.search(args.image, k=args.k, where=_where(args.where), box=BoxChoice.parse(args.box),
-                                rank=args.rank, min_score=args.min_score)  # fmt: skip
+                                rank=args.rank, min_score=args.min_score, collapse=args.collapse)  # fmt: skip
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
@@ -412,8 +430,23 @@ def parser() -> argparse.ArgumentParser:
         "index", help="index a folder of images or a manifest (incremental)",
         epilog="exit status: 0 done; 3 done, but some inputs were skipped (listed on stderr); 2 error, nothing done",
     )  # fmt: skip
-    sp.add_argument("source", help="folder (sub-folder = product) or .csv/.parquet/.jsonl manifest")
+    sp.add_argument(
+        "source",
+        help="folder (sub-folder = product), .csv/.parquet/.jsonl manifest, or a product "
+        "feed: Google Merchant Center (.tsv/.txt/.xml) or a Shopify export (.csv)",
+    )
     catalog_arg(sp)
+    sp.add_argument(
+        "--format",
+        choices=["auto", "manifest", "merchant", "shopify"],
+        default="auto",
+        help="the source's layout (default: told by its header or XML namespace)",
+    )
+    sp.add_argument(
+        "--allow-private-urls",
+        action="store_true",
+        help="fetch image URLs on private addresses too (a shop's own intranet server)",
+    )
     sp.add_argument("--detector", help="detector ONNX (YOLOv8 layout); default: Open Images SSD")
     sp.add_argument("--embedder", help="embedder ONNX; default: EfficientNet-Lite0")
     sp.add_argument("--config", action="append", metavar="KEY=VALUE",
@@ -454,6 +487,11 @@ def parser() -> argparse.ArgumentParser:
         help="a product's score: its best image, or the mean of its best 2 or 3",
     )
     sp.add_argument("--box", help="detected box number (0 = first) to search with, whole, or x1,y1,x2,y2 in pixels")
+    sp.add_argument(
+        "--collapse",
+        metavar="KEY",
+        help="one result per value of this metadata key, e.g. item_group_id (a model's variants)",
+    )
     sp.add_argument("--min-score", type=float, metavar="S",
                     help="show the products scoring at least S (-1 to 1) even under the catalog's no-close-match "
                          "threshold (still reported); e.g. 0 for the closest products anyway")  # fmt: skip

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -155,16 +156,19 @@ class Encoder:
         return process(self.models, img, box=box, boxes=boxes, whole=whole)
 
 
-def run_parallel(fn: Callable, items: list, threads: int, progress: Progress | None = None) -> Iterator[list]:
+def run_parallel(fn: Callable, items: Iterable, threads: int, progress: Progress | None = None,
+                 total: int | None = None) -> Iterator[list]:  # fmt: skip
     """fn over items on `threads` threads, yielding [(item, result), ...] a batch at a time, so the
-    caller can commit as it goes. Per-image failures become reason strings (see `safely`)."""
+    caller can commit as it goes. Per-image failures become reason strings (see `safely`). `items` may
+    be an iterator (taken a batch at a time); `total` is then its length, for the progress."""
     done = 0
+    total = len(items) if total is None and hasattr(items, "__len__") else total
     with ThreadPoolExecutor(threads) as pool:
         for part in _chunks(items, BATCH * threads):
             yield list(zip(part, pool.map(fn, part), strict=True))
             done += len(part)
             if progress:
-                progress(done, len(items))
+                progress(done, total)
 
 
 def safely(fn: Callable) -> Callable:
@@ -183,6 +187,7 @@ def safely(fn: Callable) -> Callable:
     return wrapped
 
 
-def _chunks(items: list, n: int) -> Iterator[list]:
-    for i in range(0, len(items), n):
-        yield items[i : i + n]
+def _chunks(items: Iterable, n: int) -> Iterator[list]:
+    source = iter(items)
+    while part := list(islice(source, n)):
+        yield part

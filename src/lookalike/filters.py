@@ -17,6 +17,9 @@ from lookalike.records import Records
 # a filter value "LOW..HIGH" (either side may be left out) is a numeric range, both ends included
 _RANGE = re.compile(r"^\s*(-?[0-9.]+(?:[eE][+-]?[0-9]+)?)?\s*\.\.\s*(-?[0-9.]+(?:[eE][+-]?[0-9]+)?)?\s*$")
 CACHED = 32  # distinct filters remembered per version of the records
+# metadata that is free text, not a choice: no filter menu (a feed's title, a manifest's name, links)
+FREE_TEXT = {"name", "title", "description", "link", "url", "productdisplayname", "image_link"}
+FREE_TEXT_LENGTH = 40  # values this long on average are text, whatever the key's name
 
 
 def terms(where: dict[str, str]) -> tuple[list[str], list]:
@@ -56,14 +59,30 @@ class Filters:
         self._allowed[key] = ids
         return ids
 
-    def values(self, limit: int = 50) -> dict[str, list[str]]:
-        """Distinct metadata values per key (for filter menus), keys with more than `limit` values left out."""
+    def values(self, limit: int = 50) -> dict[str, list[str] | tuple[float, float]]:
+        """The filter menus: per metadata key, its distinct values (a choice; an empty list for a key with
+        more than `limit` values or of free text: names, titles, descriptions, links), or for a key whose
+        every value is a number, its (lowest, highest) (a range, e.g. a price)."""
         key = (self.records.data_version(), limit)
         if self._values[0] != key:
-            values: dict[str, list[str]] = {}
-            for k, v in self.records.query(
-                "SELECT key, value FROM image_terms GROUP BY key, value ORDER BY key, value"
+            menus: dict[str, list[str] | tuple[float, float]] = {}
+            listed = []
+            for k, distinct, texts, low, high, length in self.records.query(
+                "SELECT key, COUNT(DISTINCT value), SUM(num IS NULL), MIN(num), MAX(num), AVG(LENGTH(value)) "
+                "FROM image_terms GROUP BY key ORDER BY key"
             ):
-                values.setdefault(k, []).append(v)
-            self._values = key, {k: v for k, v in values.items() if len(v) <= limit}
+                if not texts and distinct > 1:
+                    menus[k] = (low, high)
+                elif distinct <= limit and k.lower() not in FREE_TEXT and length <= FREE_TEXT_LENGTH:
+                    listed.append(k)
+                else:
+                    menus[k] = []
+            if listed:
+                marks = ",".join("?" * len(listed))
+                for k, v in self.records.query(
+                    f"SELECT key, value FROM image_terms WHERE key IN ({marks}) GROUP BY key, value ORDER BY 1, 2",
+                    listed,
+                ):
+                    menus.setdefault(k, []).append(v)
+            self._values = key, dict(sorted(menus.items()))
         return self._values[1]

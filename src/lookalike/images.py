@@ -17,6 +17,7 @@ import ipaddress
 import os
 import socket
 import stat
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -288,15 +289,101 @@ class _Deadline:
     def left(self) -> float:
         left = self.end - time.monotonic()
         if left <= 0:
-            raise BadImageError(self.url, f"download took longer than the {self.seconds:g} s limit")
+            raise FetchError(self.url, f"download took longer than the {self.seconds:g} s limit", retryable=True)
         return left
+
+
+RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}  # worth asking again: busy, throttled, a gateway's hiccup
+
+
+class FetchError(BadImageError):
+    """A fetch that failed in a way another try may not (`retryable`: a timeout, a refused or reset
+    connection, 429 or a 5xx); `retry_after`: the seconds the server asked to wait, if it said."""
+
+    def __init__(self, source: str, reason: str, retryable: bool = False, retry_after: float | None = None):
+        super().__init__(source, reason)
+        self.retryable, self.retry_after = retryable, retry_after
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """What a GET gave: the body (None when the server said it has not changed since the validators
+    sent, 304) and the validators to send next time."""
+
+    data: bytes | None
+    etag: str | None = None
+    last_modified: str | None = None
+
+
+class Connections:
+    """Kept-alive connection pools, one per (scheme, checked address, port, host), shared by threads:
+    many fetches from one CDN reuse a few connections instead of a TCP (and TLS) handshake each."""
+
+    def __init__(self, per_host: int = 8):
+        self.per_host = per_host
+        self._pools: dict[tuple, urllib3.HTTPConnectionPool] = {}
+        self._lock = threading.Lock()
+
+    def get(self, scheme: str, ip: str, port: int, host: str) -> urllib3.HTTPConnectionPool:
+        with self._lock:
+            key = (scheme, ip, port, host)
+            if key not in self._pools:
+                self._pools[key] = _pool(scheme, ip, port, host, self.per_host)
+            return self._pools[key]
+
+    def close(self) -> None:
+        with self._lock:
+            for pool in self._pools.values():
+                pool.close()
+            self._pools.clear()
+
+
+def _pool(scheme: str, ip: str, port: int, host: str, size: int) -> urllib3.HTTPConnectionPool:
+    """A pool pinned to the checked address `ip` (DNS cannot change between check and use), with TLS
+    verified against `host`."""
+    kwargs = {"retries": False, "maxsize": size}
+    if scheme == "https":
+        return urllib3.HTTPSConnectionPool(
+            ip, port, server_hostname=host, assert_hostname=host, cert_reqs="CERT_REQUIRED", **kwargs
+        )
+    return urllib3.HTTPConnectionPool(ip, port, **kwargs)
+
+
+def retry_after(value: str | None) -> float | None:
+    """A Retry-After header in seconds: a number of seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        from email.utils import parsedate_to_datetime
+
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
 
 
 def fetch_url(url: str, limits: Limits = DEFAULT_LIMITS) -> bytes:
     """GET an image URL with SSRF guards, following redirects only to allowed addresses, within one
     total deadline and the size limit."""
+    data = fetch(url, limits).data
+    assert data is not None  # no validators were sent
+    return data
+
+
+def fetch(url: str, limits: Limits = DEFAULT_LIMITS, validators: tuple[str | None, str | None] | None = None,
+          connections: Connections | None = None) -> Fetched:  # fmt: skip
+    """`fetch_url`, with `validators` (ETag, Last-Modified of the last download: a 304 answer is
+    `Fetched(None)`) and shared kept-alive `connections` (else a connection for this fetch alone)."""
     name = describe(url)
     deadline = _Deadline(name, limits.timeout_s)
+    headers = {"User-Agent": "lookalike/0.1", "Accept": "image/*"}
+    etag, modified = validators or (None, None)
+    if etag:
+        headers["If-None-Match"] = etag
+    if modified:
+        headers["If-Modified-Since"] = modified
     current = url
     for _ in range(limits.max_redirects + 1):
         try:
@@ -314,53 +401,49 @@ def fetch_url(url: str, limits: Limits = DEFAULT_LIMITS) -> bytes:
         port = port or (443 if scheme == "https" else 80)
         ip = _check_address(name, host, port, limits)
         left = deadline.left()
-        kwargs = {"timeout": urllib3.Timeout(connect=left, read=left), "retries": False, "maxsize": 1}
-        if scheme == "https":
-            pool = urllib3.HTTPSConnectionPool(
-                ip, port, server_hostname=host, assert_hostname=host, cert_reqs="CERT_REQUIRED", **kwargs
-            )
-        else:
-            pool = urllib3.HTTPConnectionPool(ip, port, **kwargs)
+        pool = connections.get(scheme, ip, port, host) if connections else _pool(scheme, ip, port, host, 1)
         path = parts.path or "/"
         if parts.query:
             path += "?" + parts.query
         host_header = host if parts.port is None else f"{host}:{parts.port}"
         try:
-            with pool:
-                resp = pool.urlopen(
-                    "GET",
-                    path,
-                    headers={"Host": host_header, "User-Agent": "lookalike/0.1", "Accept": "image/*"},
-                    redirect=False,
-                    preload_content=False,
-                )
-                try:
-                    if resp.status in (301, 302, 303, 307, 308):
-                        location = resp.headers.get("Location")
-                        if not location:
-                            raise BadImageError(name, f"redirect ({resp.status}) without a Location")
-                        current = urljoin(current, location)
-                        continue
-                    if resp.status != 200:
-                        raise BadImageError(name, f"HTTP {resp.status}")
-                    length = resp.headers.get("Content-Length")
-                    if length and length.isdigit() and int(length) > limits.max_bytes:
-                        raise BadImageError(
-                            name, f"download of {length} bytes is over the {limits.max_bytes}-byte limit"
-                        )
-                    return _read_body(resp, name, limits.max_bytes, deadline)
-                finally:
-                    resp.release_conn()
+            resp = pool.urlopen("GET", path, headers={**headers, "Host": host_header}, redirect=False,
+                                preload_content=False, timeout=urllib3.Timeout(connect=left, read=left))  # fmt: skip
+            try:
+                if resp.status in (301, 302, 303, 307, 308):
+                    location = resp.headers.get("Location")
+                    if not location:
+                        raise BadImageError(name, f"redirect ({resp.status}) without a Location")
+                    current = urljoin(current, location)
+                    resp.drain_conn()
+                    continue
+                got = (resp.headers.get("ETag"), resp.headers.get("Last-Modified"))
+                if resp.status == 304 and validators:
+                    resp.drain_conn()
+                    return Fetched(None, *got)
+                if resp.status != 200:
+                    resp.drain_conn()
+                    raise FetchError(name, f"HTTP {resp.status}", resp.status in RETRY_STATUSES,
+                                     retry_after(resp.headers.get("Retry-After")))  # fmt: skip
+                length = resp.headers.get("Content-Length")
+                if length and length.isdigit() and int(length) > limits.max_bytes:
+                    raise BadImageError(name, f"download of {length} bytes is over the {limits.max_bytes}-byte limit")
+                return Fetched(_read_body(resp, name, limits.max_bytes, deadline), *got)
+            finally:
+                resp.release_conn()
         except BadImageError:
             raise
         except urllib3.exceptions.HTTPError as e:
             if isinstance(e, urllib3.exceptions.TimeoutError | urllib3.exceptions.ReadTimeoutError):
                 deadline.left()  # says "took longer than the limit" when that is why
-            raise BadImageError(name, f"unreachable ({type(e).__name__})") from None
+            raise FetchError(name, f"unreachable ({type(e).__name__})", retryable=True) from None
         except OSError as e:
-            raise BadImageError(name, f"unreachable ({e.strerror or type(e).__name__})") from None
+            raise FetchError(name, f"unreachable ({e.strerror or type(e).__name__})", retryable=True) from None
         except ValueError as e:  # what urllib3 or http.client refuse to send
             raise BadImageError(name, f"not a valid URL ({shorten(str(e), 100)})") from None
+        finally:
+            if connections is None:
+                pool.close()
     raise BadImageError(name, f"more than {limits.max_redirects} redirects")
 
 

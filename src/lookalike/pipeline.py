@@ -309,21 +309,22 @@ class Catalog:
 
     def search(self, image: ImageInput | Image.Image | Query, k: int = 10, where: dict[str, str] | None = None,
                box: BoxChoice | None = None, rank: str = DEFAULT_RANK, min_score: float | None = None,
-               log: bool = False) -> SearchResult:  # fmt: skip
+               log: bool = False, collapse: str | None = None) -> SearchResult:  # fmt: skip
         """Top-k products for a photo. `box`: which part is searched (`BoxChoice`: automatic by default,
         a detected box, the whole image, or a box of one's own in pixels). `rank`: how a product's
         images' scores make its score (`ranking.RANKS`). A photo whose best product scores under the
         catalog's no-match threshold gets `no_match` and no results, unless `min_score` is given: then
         the products scoring at least `min_score` are returned all the same (the closest anyway).
-        `log`: a shopper's search (API, app), kept with a `search_id` when the search log is on."""
+        `log`: a shopper's search (API, app), kept with a `search_id` when the search log is on.
+        `collapse`: a metadata key (e.g. item_group_id): only the best product of each of its values."""
         min_score = check_min_score(min_score)
         self._follow()
         query = self.searcher.detect(image)
         try:
-            result = self.searcher.search(query, k, where, box, rank, min_score)
+            result = self.searcher.search(query, k, where, box, rank, min_score, collapse)
         except VectorsChangedError:  # the vectors were swapped (tuning) mid-search: once more, new model
             self._follow()
-            result = self.searcher.search(query, k, where, box, rank, min_score)
+            result = self.searcher.search(query, k, where, box, rank, min_score, collapse)
         if log:  # with the box that was cropped, so tuning crops the photo as this search did
             used = result.query.box_used
             area = (used.x1, used.y1, used.x2, used.y2) if used else (0, 0, *query.image.size)
@@ -374,7 +375,7 @@ class Catalog:
         return {"product_id": product_id, "metadata": found[0], "images": found[1]}
 
     def metadata_values(self, max_values: int = 50) -> dict[str, list[str]]:
-        """Distinct metadata values per key, for filter menus (keys with too many values left out)."""
+        """Filter menus per metadata key: its values, a numeric (low, high) range, or [] (too many, free text)."""
         return self.store.filters.values(max_values)
 
     def examples(self, n: int = 6) -> list[tuple[str, str]]:

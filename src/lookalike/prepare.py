@@ -26,9 +26,11 @@ def absolute(image: str | ImageSource) -> str:
     return image if "://" in image else str(Path(image).resolve())  # another scheme fails when read
 
 
-def prepare(encoder: Encoder, item: Item, known: dict, source: str, embed: bool = True) -> ImageRecord | None:
-    """The record to store (without a vector when not embedding), or None when the image is unchanged."""
-    photo = encoder.photo(item.image)
+def prepare(encoder: Encoder, item: Item, known: dict, source: str, embed: bool = True,
+            photo: Photo | None = None) -> ImageRecord | None:  # fmt: skip
+    """The record to store (without a vector when not embedding), or None when the image is unchanged.
+    `photo`: the item's image already read (by the fetch pool), else it is read here."""
+    photo = photo or encoder.photo(item.image)
     if known.get((item.product_id, item.image), (None,))[0] == photo.sha256:
         return None
     if not embed:

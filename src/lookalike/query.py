@@ -60,9 +60,11 @@ class Searcher:
         return self.encoder().encode(self.load(image)).vector
 
     def search(self, image: ImageInput | Image.Image | Query, k: int, where: dict[str, str] | None,
-               box: BoxChoice | None, rank: str, min_score: float | None = None) -> SearchResult:  # fmt: skip
+               box: BoxChoice | None, rank: str, min_score: float | None = None,
+               collapse: str | None = None) -> SearchResult:  # fmt: skip
         """`min_score`: keep the products scoring at least this, whatever the no-match threshold says
-        (`no_match` is still reported); None: the threshold decides (all results, or none)."""
+        (`no_match` is still reported); None: the threshold decides (all results, or none). `collapse`:
+        a metadata key; only the best product of each of its values is kept."""
         t0 = time.perf_counter()
         query = self.detect(image)
         img, boxes = query.image, query.boxes
@@ -70,7 +72,7 @@ class Searcher:
         if not isinstance(box, BoxChoice):
             raise LookalikeError(f"box must be a BoxChoice (BoxChoice.parse('0'), .whole(), .manual(...)), not {box!r}")
         out = self.encoder().encode(img, box=box.resolve(boxes, img), boxes=boxes, whole=box.kind == "whole")
-        matches, best = self._ranked(out.vector, k, where, rank)
+        matches, best = self._ranked(out.vector, k, where, rank, collapse)
         threshold = self.threshold()
         no_match = threshold is not None and best is not None and best < threshold
         if min_score is not None:
@@ -115,9 +117,12 @@ class Searcher:
         asked for more images until k products are found (or the catalog has no more)."""
         return self._ranked(vector, k, where, rank)[0]
 
-    def _ranked(self, vector: np.ndarray, k: int, where: dict[str, str] | None,
-                rank: str) -> tuple[list[Match], float | None]:  # fmt: skip
-        """search_vector's matches, and the best image's score (None when nothing was found)."""
+    def _ranked(self, vector: np.ndarray, k: int, where: dict[str, str] | None, rank: str,
+                collapse: str | None = None) -> tuple[list[Match], float | None]:  # fmt: skip
+        """search_vector's matches, and the best image's score (None when nothing was found). With
+        `collapse`, products sharing that metadata key's value (the variants of one model) count once:
+        the best of them stands for all, as search engines collapse on a field; a product without the
+        key stands for itself."""
         if k < 1:
             raise LookalikeError(f"k must be at least 1 (got {k})")
         check_rank(rank)
@@ -127,11 +132,25 @@ class Searcher:
             groups: dict[str, list] = {}
             for h in hits:
                 groups.setdefault(h.product_id, []).append(h)
-            if len(groups) >= k or len(hits) < n:
+            scored = sorted(((product_score([h.score for h in g], rank), g[0]) for g in groups.values()),
+                            key=lambda pair: -pair[0])  # fmt: skip
+            metadata = self.store.records.products(list(groups) if collapse else [h.product_id for _, h in scored[:k]])
+            if collapse:
+                scored = _collapsed(scored, metadata, collapse)
+            if len(scored) >= k or len(hits) < n:
                 break
             n *= 4
-        scored = sorted(((product_score([h.score for h in g], rank), g[0]) for g in groups.values()),
-                        key=lambda pair: -pair[0])[:k]  # fmt: skip
-        metadata = self.store.records.products([h.product_id for _, h in scored])
         best = max((h.score for h in hits), default=None)
-        return [Match(h.product_id, score, h.image, metadata.get(h.product_id, {})) for score, h in scored], best
+        return [Match(h.product_id, score, h.image, metadata.get(h.product_id, {})) for score, h in scored[:k]], best
+
+
+def _collapsed(scored: list[tuple], metadata: dict[str, dict], key: str) -> list[tuple]:
+    """The first (best) product of each value of metadata `key`; products without it each stand alone."""
+    seen, kept = set(), []
+    for score, hit in scored:
+        value = metadata.get(hit.product_id, {}).get(key)
+        group = ("value", str(value)) if value not in (None, "") else ("product", hit.product_id)
+        if group not in seen:
+            seen.add(group)
+            kept.append((score, hit))
+    return kept

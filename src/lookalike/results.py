@@ -71,6 +71,8 @@ class IndexReport:
     pruned: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     crops: dict[str, int] = field(default_factory=dict)
+    # URL downloads: requests made, bytes downloaded, answers "not modified" (304), tries repeated
+    downloads: dict[str, int] = field(default_factory=dict)
 
     @property
     def processed(self) -> int:

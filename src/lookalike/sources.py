@@ -18,13 +18,15 @@ import json
 import os
 import stat
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from PIL import features
 
 from lookalike.errors import LookalikeError
+from lookalike.feeds import FORMATS, read_feed, sniff
 from lookalike.images import is_url, shorten
+from lookalike.items import Item, SourceProblem
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 if features.check("avif"):
@@ -33,15 +35,9 @@ if features.check("avif"):
 UNSUPPORTED_SUFFIXES = {".heic", ".heif", ".jxl", ".svg", ".avif", ".avifs", ".dng", ".cr2", ".nef", ".arw"}
 UNSUPPORTED_SUFFIXES -= IMAGE_SUFFIXES
 MANIFEST_SUFFIXES = {".csv", ".parquet", ".jsonl", ".ndjson"}
+FEED_SUFFIXES = {".tsv", ".txt", ".xml"}  # Merchant Center feeds (a CSV may be a Shopify export or a feed too)
 MAX_FIELD_CHARS = 64 * 1024  # one manifest value; larger is a broken row, not metadata
 csv.field_size_limit(16 * MAX_FIELD_CHARS)  # the csv module's own error stays a backstop
-
-
-@dataclass(frozen=True)
-class Item:
-    product_id: str
-    image: str  # absolute path or URL
-    metadata: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -52,6 +48,9 @@ class Columns:
     product_id: str = "product_id"
     image: str = "image"
     metadata: tuple[str, ...] | None = None  # None: every other column
+    # how the file is laid out: "auto" (from its header or XML namespace), "manifest", "merchant" (Google
+    # Merchant Center TSV or XML) or "shopify" (a Shopify product export)
+    format: str = "auto"
 
     def check(self, path: Path, names: list[str]) -> None:
         """Refuse, before anything is indexed, a manifest without the columns asked for."""
@@ -63,16 +62,6 @@ class Columns:
                 raise LookalikeError(f"{path}: no column {name!r} (it has {shown}); name the right one with {option}")
 
 
-@dataclass(frozen=True)
-class SourceProblem:
-    """A row or file that can't become an item; reported, never fatal. A warning is not a skip:
-    the input was used, but not exactly as written (e.g. duplicate product ids merged)."""
-
-    where: str
-    reason: str
-    warning: bool = False
-
-
 def source_id(source: str | Path) -> str:
     """What identifies a source in the catalog (which products it owns): its resolved path."""
     return str(Path(source).resolve())
@@ -82,10 +71,20 @@ def iter_source(source: str | Path, columns: Columns | None = None) -> Iterator[
     path = Path(source)
     if path.is_dir():
         yield from _iter_folder(path)
-    elif path.is_file() and path.suffix.lower() in MANIFEST_SUFFIXES:
-        yield from _merge_duplicates(_iter_manifest(path, columns or Columns()))
+    elif path.is_file() and path.suffix.lower() in MANIFEST_SUFFIXES | FEED_SUFFIXES:
+        columns = columns or Columns()
+        if columns.format not in FORMATS:
+            raise LookalikeError(f"unknown source format {columns.format!r} (known: {', '.join(FORMATS)})")
+        layout = sniff(path) if columns.format == "auto" and path.suffix.lower() != ".parquet" else columns.format
+        if layout in ("auto", "manifest") and path.suffix.lower() not in MANIFEST_SUFFIXES:
+            raise LookalikeError(f"{shorten(str(source))}: neither a Merchant Center feed (id, image_link) nor a"
+                                 " manifest (.csv, .parquet, .jsonl): name its layout with --format")  # fmt: skip
+        rows = _iter_manifest(path, columns) if layout in ("auto", "manifest") else read_feed(path, layout)
+        yield from _merge_duplicates(rows)
     elif path.is_file():
-        raise LookalikeError(f"{shorten(str(source))}: not a folder nor a manifest (.csv, .parquet, .jsonl)")
+        raise LookalikeError(
+            f"{shorten(str(source))}: not a folder, a manifest (.csv, .parquet, .jsonl) nor a feed (.tsv, .txt, .xml)"
+        )
     else:
         raise LookalikeError(f"{shorten(str(source))}: no such folder or manifest")
 
@@ -240,9 +239,10 @@ def _iter_manifest(path: Path, columns: Columns) -> Iterator[tuple[str, Item] | 
 
 
 def _merge_duplicates(rows: Iterator[tuple[str, Item] | SourceProblem]) -> Iterator[Item | SourceProblem]:
-    """Rows sharing a product id are one product with all their images. Its metadata is the union of
-    the rows'; where rows disagree on a key, the first row's value is kept, and a warning names the
-    product, the rows and the keys. A repeated (product, image) row is used once."""
+    """Rows sharing a product id are one product with all their images: a layout (one row per image),
+    not a mistake. Its metadata is the union of the rows'; where rows disagree on a key, the first
+    row's value is kept and one short warning names the product, the keys and a few of the rows. A
+    repeated (product, image) row is used once."""
     products: dict[str, list[tuple[str, Item]]] = {}
     for entry in rows:
         if isinstance(entry, SourceProblem):
@@ -252,19 +252,25 @@ def _merge_duplicates(rows: Iterator[tuple[str, Item] | SourceProblem]) -> Itera
     for product_id, entries in products.items():
         merged: dict = {}
         conflicts: set[str] = set()
-        for _, item in entries:
+        disagreeing: list[str] = []
+        for where, item in entries:
+            differs = False
             for key, value in item.metadata.items():
                 if key not in merged:
                     merged[key] = value
                 elif merged[key] != value:
                     conflicts.add(key)
-        if len(entries) > 1:
-            places = [where.rsplit(":", 1)[-1] for where, _ in entries]
-            lines = ("lines " if all(p.isdigit() for p in places) else "") + ", ".join(places)
-            note = f"product {shorten(product_id, 100)!r} is listed {len(entries)} times ({lines}): images merged"
-            if conflicts:
-                note += f"; rows disagree on {', '.join(sorted(conflicts))}: the first row's value is kept"
-            yield SourceProblem(entries[0][0].rsplit(":", 1)[0], note, warning=True)
+                    differs = True
+            if differs:
+                disagreeing.append(where.rsplit(":", 1)[-1])
+        if conflicts:
+            shown = ("lines " if all(w.isdigit() for w in disagreeing) else "") + ", ".join(disagreeing[:3])
+            shown += f" and {len(disagreeing) - 3} more" if len(disagreeing) > 3 else ""
+            keys = ", ".join(sorted(conflicts)[:5])
+            yield SourceProblem(
+                entries[0][0], f"product {shorten(product_id, 100)!r}: {len(disagreeing)} of its {len(entries)} rows "
+                f"disagree with its first on {keys} ({shown}): the first row's value is kept", warning=True,
+            )  # fmt: skip
         seen: set[str] = set()
         for where, item in entries:
             if item.image in seen:

@@ -58,6 +58,12 @@ class BoxModel(BaseModel):
     label: str = "manual"
 
 
+COLLAPSE = (
+    "a metadata key, e.g. item_group_id: one result per value of it (the best of a model's variants); "
+    "products without the key are results of their own"
+)
+
+
 class SearchForm(BaseModel):
     """POST /search as multipart form data: the photo as an upload."""
 
@@ -72,6 +78,7 @@ class SearchForm(BaseModel):
     where: WhereText = None
     rank: Literal[RANKS] = Field(DEFAULT_RANK)  # type: ignore[valid-type]
     min_score: float = Field(None, ge=-1, le=1, description=MIN_SCORE)  # a form field is never null
+    collapse: str = Field(None, min_length=1, max_length=100, description=COLLAPSE)
 
 
 class SearchRequest(BaseModel):
@@ -90,6 +97,7 @@ class SearchRequest(BaseModel):
         DEFAULT_RANK, description="a product's score: its best image, or the mean of its best 2 or 3"
     )
     min_score: float | None = Field(None, ge=-1, le=1, description=MIN_SCORE)
+    collapse: str | None = Field(None, min_length=1, max_length=100, description=COLLAPSE)
 
 
 class ProductImage(BaseModel):

@@ -25,20 +25,23 @@ def router(reads: list) -> list[APIRouter]:
                 dependencies=[Depends(given_once(SearchForm))], form_limits=limits)  # fmt: skip
     async def search_upload(form: Annotated[SearchForm, Form()], svc: Service = Depends(service)) -> Any:  # noqa: B008
         image = await upload_bytes(form.image, "image", svc.settings)
-        return await _search(svc, image, form.k, form.where, BoxChoice.parse(form.box), form.rank, form.min_score)
+        return await _search(
+            svc, image, form.k, form.where, BoxChoice.parse(form.box), form.rank, form.min_score, form.collapse
+        )
 
     @jsons.post("/search", response_model=SearchResult, responses=ERRORS, openapi_extra=also_as_form(SearchForm))
     async def search(body: SearchRequest, svc: Service = Depends(service)) -> Any:  # noqa: B008
         """Search with an uploaded photo (multipart field `image`) or a photo URL (JSON `url`)."""
         image = await svc.fetch(body.url)
-        return await _search(svc, image, body.k, body.where, _box(body.box), body.rank, body.min_score)
+        return await _search(svc, image, body.k, body.where, _box(body.box), body.rank, body.min_score, body.collapse)
 
     return [forms, jsons]
 
 
 async def _search(svc: Service, image: bytes, k: int, where: dict | None, box: BoxChoice, rank: str,
-                  min_score: float | None) -> dict:  # fmt: skip
-    search = partial(svc.catalog.search, image, k, where, box, rank, min_score, log=True)  # kept if the log is on
+                  min_score: float | None, collapse: str | None = None) -> dict:  # fmt: skip
+    # kept if the log is on
+    search = partial(svc.catalog.search, image, k, where, box, rank, min_score, log=True, collapse=collapse)
     result = await anyio.to_thread.run_sync(search, limiter=svc.inference)
     svc.stats.search(result.query.took_ms)
     return result.to_dict()

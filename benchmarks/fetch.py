@@ -1,0 +1,144 @@
+"""Indexing from image URLs against the same images from files, and a re-index of an unchanged feed.
+
+    python benchmarks/fetch.py [--images 2000] [--latency-ms 150] [--fail-share 0.05] [--threads 2]
+
+A local HTTP server (its own process, threads, kept-alive connections, ETag / Last-Modified and 304)
+serves sneakers50 photos, sleeping `--latency-ms` before each answer (a CDN's round trip) and answering
+`--fail-share` of the paths 503 once (no Retry-After: the client's backoff decides). In one run, on
+fresh catalogs with the same models and threads:
+1. `Catalog.index` of a manifest of the files: images/s (what the models allow here);
+2. `Catalog.index` of the same manifest as URLs (`allow_private_urls`, as an intranet shop would run
+   `index --allow-private-urls`): images/s, its share of (1), every image indexed, peak memory;
+3. the URL manifest indexed again, unchanged: requests, bytes downloaded, images embedded.
+Writes benchmarks/out/fetch.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import http.server
+import json
+import multiprocessing
+import random
+import resource
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from suites import DATASETS, OUT
+
+from lookalike import Catalog
+from lookalike.images import Limits
+
+
+def serve(files: list[str], latency: float, fail_share: float, port: multiprocessing.Value, stats) -> None:
+    """The image server (run in a child process): /N is files[N]."""
+    failing = set(random.Random(0).sample(range(len(files)), int(len(files) * fail_share)))
+    failed: set[int] = set()
+    lock = threading.Lock()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            time.sleep(latency)
+            n = int(self.path.strip("/").split(".")[0])
+            with lock:
+                stats[0] += 1
+                fail = n in failing and n not in failed
+                failed.add(n)
+            if fail:
+                self.send_response(503)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            data = Path(files[n]).read_bytes()
+            etag = '"' + hashlib.sha256(data).hexdigest()[:16] + '"'
+            if self.headers.get("If-None-Match") == etag:
+                self.send_response(304)
+                self.send_header("ETag", etag)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            with lock:
+                stats[1] += len(data)
+            self.send_response(200)
+            self.send_header("ETag", etag)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    http.server.ThreadingHTTPServer.daemon_threads = True
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    port.value = httpd.server_address[1]
+    httpd.serve_forever()
+
+
+def manifest(rows: list[dict], path: Path, image) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["product_id", "image"])
+        for n, r in enumerate(rows):
+            w.writerow([r["product"], image(n, r)])
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=2000)
+    ap.add_argument("--latency-ms", type=float, default=150)
+    ap.add_argument("--fail-share", type=float, default=0.05)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", type=Path, default=OUT / "fetch.json")
+    args = ap.parse_args()
+    with open(DATASETS / "sneakers50" / "labels.csv", newline="") as f:
+        rows = list(csv.DictReader(f))[: args.images]
+    files = [str(DATASETS / "sneakers50" / r["file"]) for r in rows]
+    port, stats = multiprocessing.Value("i", 0), multiprocessing.Array("q", 2)
+    server = multiprocessing.Process(target=serve, args=(files, args.latency_ms / 1000, args.fail_share, port, stats),
+                                     daemon=True)  # fmt: skip
+    server.start()
+    while not port.value:
+        time.sleep(0.05)
+    out: dict = {"images": len(rows), "latency_ms": args.latency_ms, "fail_share": args.fail_share,
+                 "threads": args.threads}  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        local = manifest(rows, tmp / "local.csv", lambda n, r: files[n])
+        urls = manifest(rows, tmp / "urls.csv", lambda n, r: f"http://127.0.0.1:{port.value}/{n}.jpg")
+        with Catalog.open(tmp / "warm", create=True) as cat:  # models loaded and warm before timing
+            cat.index(manifest(rows[:16], tmp / "warm.csv", lambda n, r: files[n]))
+        for name, source in (("files", local), ("urls", urls)):
+            with Catalog.open(
+                tmp / name, create=True, threads=args.threads, limits=Limits(allow_private_urls=True)
+            ) as cat:
+                t0 = time.perf_counter()
+                report = cat.index(source)
+                seconds = time.perf_counter() - t0
+            out[name] = {"images_per_s": round(len(rows) / seconds, 2), "seconds": round(seconds, 1),
+                         "added": report.added, "failed": len(report.failed), "downloads": report.downloads,
+                         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}  # fmt: skip
+            print(name, json.dumps(out[name]), flush=True)
+        out["urls_share_of_files"] = round(out["urls"]["images_per_s"] / out["files"]["images_per_s"], 3)
+        before = (stats[0], stats[1])
+        with Catalog.open(tmp / "urls", threads=args.threads, limits=Limits(allow_private_urls=True)) as cat:
+            t0 = time.perf_counter()
+            again = cat.index(urls)
+        out["reindex"] = {"seconds": round(time.perf_counter() - t0, 1), "requests": stats[0] - before[0],
+                          "bytes_downloaded": stats[1] - before[1], "embedded": again.processed,
+                          "unchanged": again.unchanged, "downloads": again.downloads}  # fmt: skip
+    server.terminate()
+    print(json.dumps(out, indent=2))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
