@@ -81,12 +81,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--store", help="search through a catalog on this store (e.g. local)")
     ap.add_argument("--only", default="12345", help="which suites (default 12345)")
+    ap.add_argument("--config", action="append", default=[], metavar="KEY=VALUE", help="pipeline option, as eval's")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    options = dict(o.split("=", 1) for o in args.config)
     out = {}
     for key, s in suites().items():
         if key in args.only:
-            m = evaluate(s.labels, s.root, s.label, s.query, s.gallery, store=args.store).metrics
+            m = evaluate(s.labels, s.root, s.label, s.query, s.gallery, options, store=args.store).metrics
             out[s.name] = {k: round(m[k], 4) for k in ("recall@1", "recall@10", "mAP@10")}
     emit(out, args.json)
 

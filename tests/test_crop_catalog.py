@@ -96,3 +96,24 @@ def test_manifests_keep_metadata(tmp_path):
     pq.write_table(table, tmp_path / "m.parquet")
     (item,) = iter_source(tmp_path / "m.parquet")
     assert item.metadata == {"price": 12.0} and item.image.endswith("imgs/1.jpg")
+
+
+def test_plain_shots_skip_the_detector_only_when_asked(tmp_path):
+    """crop.plain: a product shot on white (sneakers50's catalog scene) is cropped to its non-white box
+    without the detector; a shopper's photo still goes through it; off by default."""
+    from conftest import dataset_path, rows
+
+    from lookalike import Catalog
+    from lookalike.config import PipelineConfig
+
+    s50 = rows("sneakers50")
+    shots = [r for r in s50 if r["scene"] == "catalog"][:6]
+    wild = [r for r in s50 if r["scene"] == "wild"][:4]
+    items = [Item(r["product"], str(dataset_path("sneakers50", r))) for r in shots + wild]
+    plain = PipelineConfig().with_options({"crop.plain": "1"})
+    with Catalog.open(tmp_path / "plain", config=plain, create=True) as cat:
+        report = cat.index(items, source_name="t")
+    assert report.crops.get("nonwhite", 0) >= 5 and report.crops.get("detector", 0) >= 3
+    with Catalog.open(tmp_path / "default", create=True) as cat:
+        report = cat.index(items, source_name="t")
+    assert report.crops.get("nonwhite", 0) <= 1  # the detector finds the shoes on white too

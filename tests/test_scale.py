@@ -102,7 +102,36 @@ def test_filters_use_the_terms_index_and_find_k_when_few_match(tmp_path):
     assert len(cheap) == 50 and all(int(h.product_id[1:]) % 100 <= 2 for h in cheap)
     store.records.set_products({"p0": {"brand": "rare"}})  # a metadata change moves the product's terms
     assert {h.product_id for h in store.search(data[0], 10, where={"brand": "rare"})} == {"p0"}
-    assert "brand" not in store.filters.values() and store.filters.values(100)["brand"][:2] == ["b0", "b1"]
+    menus = store.filters.values()  # 51 brands: too many for a menu; prices: a range
+    assert menus["brand"] == [] and store.filters.values(100)["brand"][:2] == ["b0", "b1"]
+    assert menus["price"] == (0.0, 99.0)
+
+
+def test_filtered_search_is_as_exact_as_unfiltered_at_every_selectivity(tmp_path):
+    """Issue 26: a filter's rows are scored exactly (few), their codes scanned whole (up to `scan_below`),
+    or the IVF probes more lists as the filter narrows; each finds the exact top 10 as often as an
+    unfiltered search does (few probes here, so that the IVF's share shows)."""
+    data, rng = clustered(12000)
+    store = Storage(tmp_path, large_from=5000, exact_below=200, scan_below=3000, nprobe=8)
+    store.records.add(records(data))
+    queries = unit(data[rng.integers(0, len(data), 40)] + 0.3 * rng.normal(size=(40, data.shape[1])))
+
+    def recall(where: dict | None, allowed) -> float:
+        ids = np.array([i for i in range(len(data)) if allowed(i // 3)])
+        hits = 0
+        for q in queries:
+            exact = {f"/img/{i}.jpg" for i in ids[np.argsort(-(data[ids] @ q))[:10]]}
+            found = store.search(q, 10, where=where)
+            assert len(found) == 10 and all(allowed(int(h.product_id[1:])) for h in found)
+            hits += len(exact & {h.image for h in found})
+        return hits / (10 * len(queries))
+
+    unfiltered = recall(None, lambda p: True)
+    assert recall({"brand": "b7"}, lambda p: p % 50 == 7) == 1.0  # 2%: scored exactly
+    assert recall({"price": "..9"}, lambda p: p % 100 <= 9) >= 0.98  # 10%: the codes scanned whole
+    assert recall({"price": "..39"}, lambda p: p % 100 <= 39) >= unfiltered - 0.03  # 40%: more probes
+    assert recall({"price": "..89"}, lambda p: p % 100 <= 89) >= unfiltered - 0.03  # 90%
+    store.close()
 
 
 def test_v4_migration_fills_the_terms_of_an_existing_catalog(tmp_path):

@@ -54,6 +54,9 @@ class CropConfig:
     margin: float = 0.05  # added around the box, as a share of its size
     pad_color: tuple[int, int, int] = WHITE
     white_level: int = 235  # nonwhite: grey level above which a pixel counts as background
+    # a photo whose border is plain white (a product shot) is cropped to its non-white box without running
+    # the detector: off by default (BENCHMARKS.md, "Catalog shots on plain backgrounds")
+    plain: bool = False
 
     def __post_init__(self) -> None:
         _choice("crop.strategy", self.strategy, CropStrategy)

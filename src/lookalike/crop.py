@@ -48,6 +48,22 @@ def nonwhite_box(img: Image.Image, white_level: int) -> Box | None:
     return Box(float(x1), float(y1), float(x2), float(y2), 1.0, "nonwhite")
 
 
+def plain_background(img: Image.Image, white_level: int, share: float = 0.98) -> bool:
+    """Whether a photo is a product shot on white: nearly all of its outermost pixels are white (a
+    shopper's photo, a floor, a street never are), so its non-white box is the product."""
+    small = img.convert("L")
+    small.thumbnail((128, 128))
+    arr = np.asarray(small)
+    border = np.concatenate([arr[:2].ravel(), arr[-2:].ravel(), arr[:, :2].ravel(), arr[:, -2:].ravel()])
+    return bool((border >= white_level).mean() >= share)
+
+
+def skips_detector(img: Image.Image, config: CropConfig) -> bool:
+    """Whether this configuration crops this photo without the detector: `plain` is on and the photo
+    is a product shot on white (its non-white box is then the crop)."""
+    return config.plain and config.uses_boxes and plain_background(img, config.white_level)
+
+
 def square_crop(img: Image.Image, box: Box, margin: float, pad_color: tuple[int, int, int]) -> Image.Image:
     """Crop box plus margin, then pad to a square so the embedder sees undistorted shoes."""
     w, h = box.x2 - box.x1, box.y2 - box.y1

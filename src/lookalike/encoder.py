@@ -17,7 +17,7 @@ from PIL import Image
 
 from lookalike import models
 from lookalike.config import PipelineConfig
-from lookalike.crop import Crop, choose_crop
+from lookalike.crop import Crop, choose_crop, skips_detector
 from lookalike.detect import Box, load_detector
 from lookalike.embed import Embedder, l2_normalize
 from lookalike.errors import BadImageError, LookalikeError
@@ -85,7 +85,7 @@ def process(
 ) -> Processed:
     """The one path every image takes, catalog or query: detect, crop, embed."""
     if boxes is None:
-        boxes = mdl.detector(img)
+        boxes = detect_unless_plain(mdl, img) if box is None and not whole else mdl.detector(img)
     config = replace(mdl.config.crop, strategy="whole") if whole else mdl.config.crop
     crop = choose_crop(img, boxes, config, manual=box)
     if mdl.config.flip:
@@ -94,6 +94,12 @@ def process(
     else:
         vector = mdl.embedder([crop.image])[0]
     return Processed(vector, boxes, crop)
+
+
+def detect_unless_plain(mdl: LoadedModels, img: Image.Image) -> list[Box]:
+    """The detector's boxes, or none for a product shot on plain white when `crop.plain` is on: its
+    non-white box is the crop then, and the detector's time is saved."""
+    return [] if skips_detector(img, mdl.config.crop) else mdl.detector(img)
 
 
 class Encoder:
@@ -146,7 +152,7 @@ class Encoder:
         """The crop this configuration embeds for an image (what tuning learns from); `boxes`: its
         detections when already known; `manual`: the box a search used (no detection then)."""
         if boxes is None:
-            boxes = self.detect(img) if self.uses_boxes and manual is None else []
+            boxes = detect_unless_plain(self.models, img) if self.uses_boxes and manual is None else []
         return choose_crop(img, boxes, self.config.crop, manual=manual)
 
     def encode(self, img: Image.Image, boxes: list[Box] | None = None, box: Box | None = None,

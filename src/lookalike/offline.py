@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from lookalike.config import PipelineConfig
+from lookalike.crop import skips_detector
 from lookalike.detect import Box
 from lookalike.embed import learn_whitening
 from lookalike.encoder import Encoder, Progress, StageProgress, run_parallel, safely, stage
@@ -107,7 +108,9 @@ class Photos:
                 return cached
             img = encoder.image(photo)
             boxes = None
-            if encoder.uses_boxes:
+            if skips_detector(img, encoder.config.crop):
+                boxes = []
+            elif encoder.uses_boxes:
                 boxes = cache.boxes(photo.sha256, detector_key)
                 if boxes is None:
                     boxes = encoder.detect(img)

@@ -160,6 +160,19 @@ class RowStore:
         base = float(q @ (self._vmin + self._vdiff / 30))
         return base + (codes & 15).astype(np.float32) @ w[0::2] + (codes >> 4).astype(np.float32) @ w[1::2]
 
+    def code_index(self, rows: np.ndarray) -> faiss.IndexScalarQuantizer:
+        """A flat index of these rows' 4-bit codes (position i = rows[i]), for scanning a filter's rows
+        with FAISS's SIMD kernels: ~0.2 µs a row here, where numpy's `approximate_scores` costs ~1 µs."""
+        parts = [(start, c) for (_, start, _), c in zip(self.segments, self.segment_codes, strict=True)]
+        codes = _gather(rows, [*parts, (self.saved, self.delta_codes.view())],
+                        np.empty((len(rows), self.code_size), dtype=np.uint8))  # fmt: skip
+        index = faiss.IndexScalarQuantizer(self.dim, self.sq.sq.qtype, faiss.METRIC_INNER_PRODUCT)
+        index.sq = self.sq.sq
+        index.is_trained = True
+        faiss.copy_array_to_vector(codes.ravel(), index.codes)
+        index.ntotal = len(rows)
+        return index
+
     def vectors(self, rows: np.ndarray) -> np.ndarray:
         """float32 vectors of these rows, gathered from the segments and the delta."""
         parts = [(start, mm) for _, start, mm in self.segments] + [(self.saved, self.delta.view())]
