@@ -151,3 +151,21 @@ def test_this_is_it_records_a_click_once_per_search(monkeypatch, tmp_path, brand
         kept = cat.log.searches()
     assert [len(s["results"]) for s in kept] == [6, 3]  # k=12 over 6 products, then k=3
     assert kept[1]["feedback"] == [{"kind": "click", "product_id": first, "at": kept[1]["feedback"][0]["at"]}]
+
+
+def test_one_result_per_model_collapses_a_feeds_variants(monkeypatch, tmp_path, sneaker_folder):
+    """A catalog with `item_group_id` (a feed's variants of one model) offers "One result per model"."""
+    lines = ["product_id,image,item_group_id"]
+    for i, product in enumerate(sorted(sneaker_folder.iterdir())[:6]):
+        lines += [f"{product.name},{img},model-{i // 3}" for img in sorted(product.glob("*.jpg"))[:2]]
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+    with Catalog.open(tmp_path / "cat", create=True) as cat:
+        cat.index(tmp_path / "m.csv")
+    at = start(monkeypatch, tmp_path / "cat")
+    at.checkbox(key="anyway").check().run()  # every product, whatever its score
+    at.button(key="example_0").click().run()
+    assert len(cards(at)) == 6
+    at.checkbox(key="collapse").check().run()
+    shown = [p for _, p in cards(at)]
+    models = {p: f"model-{i // 3}" for i, p in enumerate(sorted(d.name for d in sneaker_folder.iterdir())[:6])}
+    assert len(shown) == 2 and {models[p] for p in shown} == {"model-0", "model-1"}

@@ -269,8 +269,10 @@ def test_a_feed_indexes_through_the_pool_retries_and_re_fetches_only_what_change
         report = cat.index(feed)
     assert report.added == 0 and len(report.failed) == 6 and all("non-public" in r for _, r in report.failed)
     image_server.log.clear()
+    stages: dict[str, int] = {}
     with Catalog.open(tmp_path / "cat", create=True, limits=TRUSTED) as cat:
-        report = cat.index(feed)
+        report = cat.index(feed, progress=lambda stage, done, total: stages.__setitem__(stage, done))
+        assert stages == {"fetching": 6, "indexing": 6}  # each stage's own progress: two bars, two rates
         assert report.added == 6 and not report.failed and report.downloads["retries"] == 1
         times = [t for t, n, _ in image_server.log if n == slow]
         assert len(times) == 2 and times[1] - times[0] >= 0.95  # Retry-After: 1 was honoured
@@ -295,7 +297,7 @@ def test_index_cli_takes_the_private_address_opt_in(tmp_path, image_server):
     feed = feed_of(image_server, tmp_path / "feed.tsv")
     refused = cli("index", str(feed), "--catalog", str(tmp_path / "a"), "-q")
     assert refused.returncode == 3 and "non-public address" in refused.stderr and "Traceback" not in refused.stderr
-    allowed = cli("index", str(feed), "--catalog", str(tmp_path / "b"), "-q", "--allow-private-urls")
+    allowed = cli("index", str(feed), "--catalog", str(tmp_path / "b"), "--allow-private-urls")
     assert allowed.returncode == 0, allowed.stderr
     assert "indexed 6 image(s)" in allowed.stdout and "downloads: 6 request(s)" in allowed.stdout
     photo = tmp_path / "query.jpg"
