@@ -14,9 +14,8 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -86,18 +85,22 @@ class Fetcher:
 
 
 def prefetch(items: Iterable, fetch_one: Callable, workers: int, window: int) -> Iterator[tuple[object, Future]]:
-    """(item, future of fetch_one(item)) in the items' order, with at most `window` fetches started
-    and not yet taken: the consumer's pace bounds memory, and `workers` threads keep the window full."""
-    pending: deque = deque()
-    source = iter(items)
+    """(item, finished future of fetch_one(item)), ready ones first, with at most `window` fetches
+    started and not yet taken: the consumer's pace bounds memory, `workers` threads keep the window
+    full, and a URL waiting to be tried again never holds the model workers up."""
+    pending: dict[Future, object] = {}
     with ThreadPoolExecutor(workers, thread_name_prefix="fetch") as pool:
         try:
-            for item in source:
-                pending.append((item, pool.submit(fetch_one, item)))
+            for item in items:
+                pending[pool.submit(fetch_one, item)] = item
                 if len(pending) >= window:
-                    yield pending.popleft()
+                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        yield pending.pop(future), future
             while pending:
-                yield pending.popleft()
-        finally:  # the consumer stopped early (an error, ctrl-c): started fetches are dropped
-            for _, future in pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    yield pending.pop(future), future
+        finally:  # the consumer stopped early (an error, ctrl-c): fetches not started are dropped
+            for future in pending:
                 future.cancel()
