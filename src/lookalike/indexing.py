@@ -76,8 +76,9 @@ def embed_source(records: Records, encoder: Encoder, source: str | Path | Iterab
                     report.failed.append((item.image, outcome))
             if not dry_run:
                 records.add([r for r in pending if r.vector is not None])
-                state.put(fresh[:])  # after the records: a validator never vouches for an image not stored
-                del fresh[:]
+                done = len(fresh)  # fetch threads go on appending behind this point
+                state.put(fresh[:done])  # after the records: a validator never vouches for an image not stored
+                del fresh[:done]
     finally:
         report.downloads = dict(fetcher.stats) if fetcher.stats["requests"] else {}
         fetcher.close()
