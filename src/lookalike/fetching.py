@@ -14,8 +14,9 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -85,22 +86,20 @@ class Fetcher:
 
 
 def prefetch(items: Iterable, fetch_one: Callable, workers: int, window: int) -> Iterator[tuple[object, Future]]:
-    """(item, finished future of fetch_one(item)), ready ones first, with at most `window` fetches
-    started and not yet taken: the consumer's pace bounds memory, `workers` threads keep the window
-    full, and a URL waiting to be tried again never holds the model workers up."""
-    pending: dict[Future, object] = {}
+    """(item, future of fetch_one(item)) in the items' order, with at most `window` fetches started and
+    not yet taken: the consumer's pace bounds memory, and `workers` threads keep the window full. The
+    order is kept so that a catalog's rows (their ids) come out the same on every run and on Ray; the
+    window runs far enough ahead (seconds of model work) that a URL's retry is usually done before
+    the model workers reach it."""
+    pending: deque = deque()
     with ThreadPoolExecutor(workers, thread_name_prefix="fetch") as pool:
         try:
             for item in items:
-                pending[pool.submit(fetch_one, item)] = item
+                pending.append((item, pool.submit(fetch_one, item)))
                 if len(pending) >= window:
-                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        yield pending.pop(future), future
+                    yield pending.popleft()
             while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for future in done:
-                    yield pending.pop(future), future
+                yield pending.popleft()
         finally:  # the consumer stopped early (an error, ctrl-c): fetches not started are dropped
-            for future in pending:
+            for _, future in pending:
                 future.cancel()
