@@ -7,7 +7,8 @@ serves sneakers50 photos, sleeping `--latency-ms` before each answer (a CDN's ro
 `--fail-share` of the paths 503 once (no Retry-After: the client's backoff decides). In one run, on
 fresh catalogs with the same models and threads:
 1. `Catalog.index` of a manifest of the files: images/s (what the models allow here);
-2. `Catalog.index` of the same manifest as URLs (`allow_private_urls`, as an intranet shop would run
+2. `Catalog.index` of the same manifest as URLs (1 and 2 alternately, `--rounds` times;
+   `allow_private_urls`, as an intranet shop would run
    `index --allow-private-urls`): images/s, its share of (1), every image indexed, peak memory;
 3. the URL manifest indexed again, unchanged: requests, bytes downloaded, images embedded.
 Writes benchmarks/out/fetch.json.
@@ -37,7 +38,7 @@ from lookalike.images import Limits
 def serve(files: list[str], latency: float, fail_share: float, port: multiprocessing.Value, stats) -> None:
     """The image server (run in a child process): /N is files[N]."""
     failing = set(random.Random(0).sample(range(len(files)), int(len(files) * fail_share)))
-    failed: set[int] = set()
+    failed: set[str] = set()
     lock = threading.Lock()
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -49,10 +50,10 @@ def serve(files: list[str], latency: float, fail_share: float, port: multiproces
         def do_GET(self) -> None:
             time.sleep(latency)
             n = int(self.path.strip("/").split(".")[0])
-            with lock:
+            with lock:  # each round's URLs (?round=N) fail once
                 stats[0] += 1
-                fail = n in failing and n not in failed
-                failed.add(n)
+                fail = n in failing and self.path not in failed
+                failed.add(self.path)
             if fail:
                 self.send_response(503)
                 self.send_header("Content-Length", "0")
@@ -96,6 +97,7 @@ def main() -> None:
     ap.add_argument("--latency-ms", type=float, default=150)
     ap.add_argument("--fail-share", type=float, default=0.05)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--json", type=Path, default=OUT / "fetch.json")
     args = ap.parse_args()
     with open(DATASETS / "sneakers50" / "labels.csv", newline="") as f:
@@ -112,25 +114,29 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         local = manifest(rows, tmp / "local.csv", lambda n, r: files[n])
-        urls = manifest(rows, tmp / "urls.csv", lambda n, r: f"http://127.0.0.1:{port.value}/{n}.jpg")
+        urls = [manifest(rows, tmp / f"urls{k}.csv", lambda n, r, k=k: f"http://127.0.0.1:{port.value}/{n}.jpg?round={k}")
+                for k in range(args.rounds)]  # fmt: skip
         with Catalog.open(tmp / "warm", create=True) as cat:  # models loaded and warm before timing
             cat.index(manifest(rows[:16], tmp / "warm.csv", lambda n, r: files[n]))
-        for name, source in (("files", local), ("urls", urls)):
-            with Catalog.open(
-                tmp / name, create=True, threads=args.threads, limits=Limits(allow_private_urls=True)
-            ) as cat:
-                t0 = time.perf_counter()
-                report = cat.index(source)
-                seconds = time.perf_counter() - t0
-            out[name] = {"images_per_s": round(len(rows) / seconds, 2), "seconds": round(seconds, 1),
-                         "added": report.added, "failed": len(report.failed), "downloads": report.downloads,
-                         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}  # fmt: skip
-            print(name, json.dumps(out[name]), flush=True)
-        out["urls_share_of_files"] = round(out["urls"]["images_per_s"] / out["files"]["images_per_s"], 3)
+        shares = []
+        for n in range(args.rounds):  # files then URLs, alternately: the machine's noise hits both
+            for name, source in (("files", local), ("urls", urls[n])):
+                limits = Limits(allow_private_urls=True)
+                with Catalog.open(tmp / f"{name}{n}", create=True, threads=args.threads, limits=limits) as cat:
+                    t0 = time.perf_counter()
+                    report = cat.index(source)
+                    seconds = time.perf_counter() - t0
+                rss = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+                out[f"{name}{n}"] = {"images_per_s": round(len(rows) / seconds, 2), "seconds": round(seconds, 1),
+                                     "added": report.added, "failed": len(report.failed),
+                                     "downloads": report.downloads, "peak_rss_mb": rss}  # fmt: skip
+                print(f"{name}{n}", json.dumps(out[f"{name}{n}"]), flush=True)
+            shares.append(round(out[f"urls{n}"]["images_per_s"] / out[f"files{n}"]["images_per_s"], 3))
+        out["urls_share_of_files"] = shares
         before = (stats[0], stats[1])
-        with Catalog.open(tmp / "urls", threads=args.threads, limits=Limits(allow_private_urls=True)) as cat:
+        with Catalog.open(tmp / "urls0", threads=args.threads, limits=Limits(allow_private_urls=True)) as cat:
             t0 = time.perf_counter()
-            again = cat.index(urls)
+            again = cat.index(urls[0])
         out["reindex"] = {"seconds": round(time.perf_counter() - t0, 1), "requests": stats[0] - before[0],
                           "bytes_downloaded": stats[1] - before[1], "embedded": again.processed,
                           "unchanged": again.unchanged, "downloads": again.downloads}  # fmt: skip
