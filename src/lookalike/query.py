@@ -134,12 +134,12 @@ class Searcher:
                 groups.setdefault(h.product_id, []).append(h)
             scored = sorted(((product_score([h.score for h in g], rank), g[0]) for g in groups.values()),
                             key=lambda pair: -pair[0])  # fmt: skip
-            metadata = self.store.records.products(list(groups) if collapse else [h.product_id for _, h in scored[:k]])
-            if collapse:
-                scored = _collapsed(scored, metadata, collapse)
+            if collapse:  # every candidate's key is needed to tell the groups apart
+                scored = _collapsed(scored, self.store.records.products(list(groups)), collapse)
             if len(scored) >= k or len(hits) < n:
                 break
             n *= 4
+        metadata = self.store.records.products([h.product_id for _, h in scored[:k]])  # once, for the shown
         best = max((h.score for h in hits), default=None)
         return [Match(h.product_id, score, h.image, metadata.get(h.product_id, {})) for score, h in scored[:k]], best
 
