@@ -1,7 +1,7 @@
 """The compact index for large catalogs, three stages: FAISS IVF with 4-bit product-quantized codes
-(fast scan, 160 bytes an image) finds 400 candidates, 4-bit scalar-quantized vectors in memory (640
-bytes) re-rank them, and float16 vectors on disk give the best k + 30 their exact inner product
-(`rows.py`; recall@10 against exact search and RAM per image: BENCHMARKS.md "Scale").
+(fast scan, 160 bytes an image) finds 1,000 candidates in an eighth of its lists (at least 64), 4-bit
+scalar-quantized vectors in memory (640 bytes) re-rank them, and float16 vectors on disk give the best
+k + 30 their exact inner product (`rows.py`; recall@10 against exact search and RAM per image: BENCHMARKS.md "Scale").
 
 Saved as a snapshot beside the database: a manifest naming the IVF file, the row ids and the vector
 segments. Segments are immutable and each save writes only the rows added since the last one, so a
@@ -27,13 +27,17 @@ from lookalike.index.rows import RowStore
 
 FORMAT = 1  # of the manifest and the files it names
 RESCORED = 30  # candidates beyond k given their exact score from disk
+PROBES, MIN_PROBES = 1 / 8, 64  # share of the IVF lists a search probes, and the fewest
+RERANK = 1000  # IVF candidates re-ranked by their in-memory codes (BENCHMARKS.md "Scale")
 TRAIN_SIZE = 100_000  # vectors the coarse quantizer and codebooks learn from (the first ones added)
-# a filter allowing at most this many rows has their in-memory codes scanned whole (exact up to the codes'
-# error, ~0.2 µs a row), instead of the IVF probing lists where few of its rows are
+# a filter allowing at most this many rows has their in-memory codes scanned (~0.4 µs a row; those in
+# the lists a search probes), instead of the IVF scanning every row of those lists
 SCAN_BELOW = 25_000
-FILTER_PROBES = 0.5  # a filter allowing a share s of the rows probes nprobe / s ** this many lists
+# a filter allowing a share s of the rows probes nprobe / s ** FILTER_PROBES IVF lists; its scan (below
+# SCAN_BELOW rows) nprobe / s ** SCAN_PROBES lists: a scan costs per row, not per list (BENCHMARKS.md)
+FILTER_PROBES, SCAN_PROBES = 0.15, 0.3
+SCAN_WHOLE = 4096  # a filter's rows up to this many are scanned whole (~1.6 ms): a small filter is exact
 POST_FILTER_SHARE = 0.5  # a filter allowing at least this share is searched unfiltered, then applied
-POST_FILTER = "post-filter"
 
 
 def lists_for(expected: int) -> int:
@@ -46,15 +50,18 @@ class CompactIndex:
     kind = "ivf-pq"
 
     def __init__(self, directory: Path, dim: int, expected: int, tag: str | None, nlist: int | None = None,
-                 nprobe: int = 64, rerank: int = 400, exact_below: int = 2048, scan_below: int = SCAN_BELOW,
-                 **_):  # fmt: skip
+                 nprobe: int | None = None, rerank: int = RERANK, exact_below: int = 2048,
+                 scan_below: int = SCAN_BELOW, scan_whole: int = SCAN_WHOLE, **_):  # fmt: skip
         self.directory, self.dim = Path(directory), dim
         self.nlist = nlist or lists_for(expected)
-        self.nprobe, self.rerank, self.exact_below, self.scan_below = nprobe, rerank, exact_below, scan_below
+        self._nprobe, self.rerank, self.exact_below, self.scan_below = nprobe, rerank, exact_below, scan_below
+        self.scan_whole = scan_whole
+        self._lists: tuple[int, np.ndarray] | None = None  # (changes, each row's IVF list)
         self.dead = np.zeros(0, dtype=np.int64)  # rows removed: still in the IVF lists, never found
         self._not_dead = None
         self._changes = 0  # adds and removes, for what is cached per filter
         self._allowed_cache: dict[tuple, tuple] = {}
+        self._last_allowed: tuple | None = None  # (ids, changes, what _allowed_rows gave)
         self.restored: dict | None = None
         self.damaged: str | None = None  # why a snapshot that was there could not be used
         self.index: faiss.Index | None = None
@@ -62,6 +69,15 @@ class CompactIndex:
         self._dirty = False
         if tag is not None:
             self._load(tag)
+
+    @property
+    def nprobe(self) -> int:
+        """Lists a search probes: an eighth of them, at least 64 (recall@10 0.95 at a million images)."""
+        return self._nprobe or max(MIN_PROBES, int(self.nlist * PROBES))
+
+    @nprobe.setter
+    def nprobe(self, value: int | None) -> None:
+        self._nprobe = value
 
     # -- persistence ------------------------------------------------------------------------------
     def _manifest(self, tag: str) -> Path:
@@ -173,25 +189,42 @@ class CompactIndex:
     def _allowed_rows(self, ids: np.ndarray) -> tuple[np.ndarray, object]:
         """The live rows of these ids and how to search them, kept for the same ids until the next change
         (a shop's filters repeat; for 10,000 ids of a million the lookup alone is 3 ms): a few rows are
-        scored exactly (None); up to `scan_below`, a flat index of their codes scanned whole; more, a FAISS
-        selector of them for the IVF; most of the catalog, an unfiltered search with the others dropped
+        scored exactly (None); up to `scan_below`, a flat index of their codes and their lists (`Scan`);
+        more, a FAISS selector of them for the IVF; most of the catalog, an unfiltered search with the others dropped
         from its candidates (a selector of 900,000 ids costs the IVF scan more than it saves)."""
+        last = self._last_allowed  # the filters hand the same array for the same filter: no key to compute
+        if last is not None and last[0] is ids and last[1] == self._changes:
+            return last[2]
         # keyed by a sample of the ids (hashing all of 900,000 ids cost 10 ms a search), their count and sum
         key = (hash(ids[:: max(1, len(ids) // 4096)].tobytes()), len(ids), int(ids.sum()), self._changes)
         if key not in self._allowed_cache:
             rows = self.rows.rows_of(ids)
             rows = np.sort(rows[rows >= 0])
             how = None
-            if len(rows) >= POST_FILTER_SHARE * self.count():
-                how = POST_FILTER
+            if len(rows) >= POST_FILTER_SHARE * self.count():  # a mask of the rows: a look-up per candidate
+                how = np.zeros(self.rows.next_row(), dtype=bool)  # (a binary search in 900,000 rows: 0.3 ms)
+                how[rows] = True
             elif len(rows) > self.scan_below:
                 how = _bitmap(rows, self.rows.next_row())
             elif len(rows) > self.exact_below:
-                how = self.rows.code_index(rows)
+                how = Scan(self.rows.code_index(rows), self._lists_of_rows()[rows])
             if len(self._allowed_cache) >= 16:
                 self._allowed_cache.clear()
             self._allowed_cache[key] = rows, how
+        self._last_allowed = ids, self._changes, self._allowed_cache[key]
         return self._allowed_cache[key]
+
+    def _lists_of_rows(self) -> np.ndarray:
+        """Each row's IVF list (the lists hold row numbers): read from the lists after each change,
+        7 ms at a million rows, for the filters' scans to skip rows in lists far from the query."""
+        if self._lists is None or self._lists[0] != self._changes:
+            lists = np.zeros(self.rows.next_row(), dtype=np.int16)  # at most 1,024 lists
+            inverted = self.index.invlists
+            for number in range(inverted.nlist):
+                if size := inverted.list_size(number):
+                    lists[faiss.rev_swig_ptr(inverted.get_ids(number), size)] = number
+            self._lists = self._changes, lists
+        return self._lists[1]
 
     def _live_selector(self) -> faiss.IDSelector:
         """Every row but the tombstones, built once per change of them."""
@@ -230,21 +263,25 @@ class CompactIndex:
         q = np.ascontiguousarray(np.atleast_2d(vector), dtype=np.float32)
         if self.index is None or self.count() == 0 or k <= 0:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
-        selector = None
+        # OpenMP's thread count is the calling thread's own: a server's search threads start at every
+        # core, where a fast scan for 1,000 candidates took 8 ms instead of 3 at a million images
+        faiss.omp_set_num_threads(1)
+        selector = post = None
         want = max(self.rerank, k)
         nprobe = self.nprobe
         if allowed is not None:  # as rows, live ones only
             allowed, selector = self._allowed_rows(np.asarray(allowed, dtype=np.int64))
             if len(allowed) <= max(self.exact_below, k):  # few enough to score them all
                 return self._exact(q, allowed, k)
-            if isinstance(selector, faiss.IndexScalarQuantizer):  # their codes, scanned whole
-                _, at = selector.search(q, min(want, len(allowed)))
-                return self._exact(q, allowed[at[0][at[0] >= 0]], k)
             # a filter's best k lie as far out as the best k / share of all: probe more lists as it narrows
             share = len(allowed) / max(self.count(), 1)
             nprobe = int(min(self.nlist, math.ceil(nprobe / share**FILTER_PROBES)))
-            if isinstance(selector, str):  # POST_FILTER: as many allowed candidates as unfiltered has
-                selector, want = None, math.ceil(want / share)
+            if isinstance(selector, Scan):  # their codes scanned, those in the probed lists
+                lists = self.nlist if len(allowed) <= self.scan_whole else \
+                    int(min(self.nlist, math.ceil(self.nprobe / share**SCAN_PROBES)))  # fmt: skip
+                return self._exact(q, allowed[selector.search(self.index.quantizer, q, lists, k + RESCORED)], k)
+            if isinstance(selector, np.ndarray):  # applied after: as many allowed candidates as unfiltered has
+                post, selector, want = selector, None, math.ceil(want / share)
         while True:
             params = faiss.SearchParametersIVF(nprobe=min(nprobe, self.nlist))
             if isinstance(selector, tuple):  # only live rows (above)
@@ -253,9 +290,8 @@ class CompactIndex:
                 params.sel = self._live_selector()
             _, found = self.index.search(q, want, params=params)
             found = found[0][found[0] >= 0]
-            if allowed is not None and selector is None:  # dropped after: the rows the filter does not allow
-                at = np.minimum(np.searchsorted(allowed, found), len(allowed) - 1)
-                found = found[allowed[at] == found]
+            if post is not None:  # dropped after: the rows the filter does not allow
+                found = found[post[found]]
             if len(found) >= min(k, self.count() if allowed is None else len(allowed)) or nprobe >= self.nlist:
                 break
             nprobe *= 4
@@ -273,6 +309,27 @@ class CompactIndex:
         scores = self.rows.vectors(rows) @ q[0]
         top = np.argsort(-scores, kind="stable")[:k]
         return self.rows.ids_of(rows[top]), scores[top].astype(np.float32)
+
+
+class Scan:
+    """A filter's rows' 4-bit codes in a flat index (position i: its i-th row) and each row's IVF list:
+    a search scans those in the lists nearest the query (FAISS skips the others before their distance),
+    ~0.4 µs a row, where the IVF would scan every row of those lists."""
+
+    def __init__(self, codes: faiss.IndexScalarQuantizer, lists: np.ndarray):
+        self.codes, self.lists = codes, lists
+
+    def search(self, quantizer: faiss.Index, q: np.ndarray, nprobe: int, n: int) -> np.ndarray:
+        """Positions of the best n rows by their codes among those in the nprobe lists nearest q."""
+        params = None
+        if nprobe < quantizer.ntotal:
+            _, near = quantizer.search(q, nprobe)
+            probed = np.zeros(quantizer.ntotal, dtype=bool)
+            probed[near[0][near[0] >= 0]] = True
+            bits = np.packbits(probed[self.lists], bitorder="little")  # referenced until the search ends
+            params = faiss.SearchParameters(sel=faiss.IDSelectorBitmap(len(self.lists), faiss.swig_ptr(bits)))
+        _, at = self.codes.search(q, min(n, len(self.lists)), params=params)
+        return at[0][at[0] >= 0]
 
 
 def _bitmap(rows: np.ndarray, size: int) -> tuple[faiss.IDSelector, np.ndarray]:

@@ -9,6 +9,7 @@ and ~0.3 s at a million)."""
 
 from __future__ import annotations
 
+import threading
 import uuid
 from pathlib import Path
 
@@ -45,11 +46,26 @@ def _gather(rows: np.ndarray, parts: list[tuple[int, np.ndarray]], out: np.ndarr
     """out[i] = the row rows[i] of the parts, each (first row, array of its rows), in row order."""
     starts = np.array([start for start, _ in parts])
     which = np.searchsorted(starts, rows, side="right") - 1
+    if len(which) and (which == which[0]).all():  # all in one part (the usual case): no masks to copy through
+        start, values = parts[which[0]]
+        out[:] = values[rows - start]
+        return out
     for part in np.unique(which):
         mine = which == part
         start, values = parts[part]
         out[mine] = values[rows[mine] - start]
     return out
+
+
+_scratch = threading.local()
+
+
+def _floats(shape: tuple[int, int]) -> np.ndarray:
+    """A float32 array of this shape, reused by the calling thread's next call (its values are not kept)."""
+    buffer = getattr(_scratch, "floats", None)
+    if buffer is None or buffer.size < shape[0] * shape[1]:
+        buffer = _scratch.floats = np.empty(max(shape[0] * shape[1], 1 << 20), dtype=np.float32)
+    return buffer[: shape[0] * shape[1]].reshape(shape)
 
 
 class RowStore:
@@ -158,7 +174,11 @@ class RowStore:
         w = np.zeros(2 * codes.shape[1], dtype=np.float32)
         w[: self.dim] = q * self._vdiff / 15
         base = float(q @ (self._vmin + self._vdiff / 30))
-        return base + (codes & 15).astype(np.float32) @ w[0::2] + (codes >> 4).astype(np.float32) @ w[1::2]
+        nibbles = _floats(codes.shape)  # the codes' nibbles as floats, in a buffer kept per thread: 1,000
+        np.bitwise_and(codes, 15, out=nibbles, casting="unsafe")  # rows in fresh arrays cost 0.5 ms of page faults
+        scores = nibbles @ w[0::2]
+        np.right_shift(codes, 4, out=nibbles, casting="unsafe")
+        return base + scores + nibbles @ w[1::2]
 
     def code_index(self, rows: np.ndarray) -> faiss.IndexScalarQuantizer:
         """A flat index of these rows' 4-bit codes (position i = rows[i]), for scanning a filter's rows
