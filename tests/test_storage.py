@@ -129,7 +129,7 @@ def test_migrates_a_version_1_catalog(tmp_path):
     db.commit()
     db.close()
     store = Storage(tmp_path)
-    assert store.records.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+    assert store.records.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
     assert store.records.count() == (1, 1)
     assert store.search(unit(np.ones(4)), 1)[0].image == str(tmp_path.resolve() / "a.jpg")  # relative = in the catalog
 

@@ -243,9 +243,11 @@ def card(rank: int, match, row: str = "") -> str:
     link from its metadata when it has them, and the score."""
     meta = match.metadata
     name = meta.get("name") or meta.get("title") or meta.get("productDisplayName") or match.product_id
-    shown = {**meta, "price": f"{meta['price']} {meta.get('currency', '')}".strip()} if "price" in meta else meta
+    shown = {k: match.shown(k) for k in meta}
+    if "price" in meta:
+        shown["price"] = f"{meta['price']} {meta.get('currency', '')}".strip()
     details = " · ".join(
-        html.escape(str(shown[k])) for k in ("brand", "category", "colour", "color", "baseColour", "price") if k in meta
+        html.escape(shown[k]) for k in ("brand", "category", "colour", "color", "baseColour", "price") if k in meta
     )
     link = meta.get("url") or meta.get("link")
     link_html = f' · <a href="{html.escape(str(link))}" target="_blank">open</a>' if link else ""

@@ -148,7 +148,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         print(f"query: {len(q.boxes)} shoe box(es) detected; searched with the {q.crop} crop{where} "
               f"({q.took_ms:.0f} ms)")  # fmt: skip
     for rank, m in enumerate(result.results, 1):
-        meta = " ".join(f"{k}={v}" for k, v in m.metadata.items())
+        meta = " ".join(f"{k}={m.shown(k)}" for k in m.metadata)
         print(f"{rank:>3}  {m.score:.4f}  {m.product_id}  {m.image}  {meta}".rstrip())
     return 0
 

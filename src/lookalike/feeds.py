@@ -17,7 +17,7 @@ from __future__ import annotations
 import csv
 import re
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from lookalike.errors import LookalikeError
@@ -99,6 +99,13 @@ def image_links(value: str) -> list[str]:
     return [u for u in (p.strip().strip("\"'").strip() for p in parts) if u]
 
 
+def colours(values: Iterable[str]) -> str | list[str]:
+    """A product's colours: one as text, several as a list (Merchant Center's "Red/Blue", a Shopify
+    product's Color option values), so that a filter `color=red` matches each of them ("" if none)."""
+    kept = list(dict.fromkeys(v.strip() for v in values if v.strip()))
+    return kept[0] if len(kept) == 1 else kept or ""
+
+
 def _merchant_item(where: str, fields: dict[str, list[str]]) -> Iterator[Row]:
     one = {k: (v[0].strip() if v else "") for k, v in fields.items()}
     item_id = one.get("id", "")
@@ -114,6 +121,10 @@ def _merchant_item(where: str, fields: dict[str, list[str]]) -> Iterator[Row]:
     metadata: dict = {k: one[k] for k in MERCHANT_KEYS if one.get(k)}
     if "availability" in metadata:
         metadata["availability"] = metadata["availability"].lower().replace(" ", "_")
+    if "color" in metadata:
+        metadata["color"] = colours(metadata["color"].split("/"))
+        if not metadata["color"]:
+            del metadata["color"]
     if parsed := price(one.get("price", "")):
         metadata["price"] = parsed[0]
         if parsed[1]:
@@ -211,7 +222,7 @@ def _shopify(path: Path) -> Iterator[Row]:
         if column["price"] and (parsed := price(first.get(column["price"]) or "")):
             metadata["price"] = parsed[0]
         if p["colours"]:
-            metadata["color"] = "/".join(p["colours"])
+            metadata["color"] = colours(p["colours"])
         if status:
             metadata["status"] = status
         for _, _, image in sorted(p["images"]):

@@ -26,12 +26,33 @@ import numpy as np
 from lookalike.errors import LookalikeError
 
 DB_NAME = "catalog.db"
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
+
+
 # a metadata value as a filter matches it: text, compared without case (ASCII, as lower() did); numbers
 # (JSON numbers, or text that reads as one, as a CSV manifest gives) also as REAL, for ranges
-_TERM = ("CAST(m.value AS TEXT), CASE WHEN m.type IN ('integer', 'real') THEN m.value "
-         "WHEN m.type = 'text' AND trim(m.value) <> '' AND trim(m.value) NOT GLOB '*[^0-9.eE+-]*' "
-         "THEN CAST(trim(m.value) AS REAL) END")  # fmt: skip
+def _term(m: str) -> str:
+    return (f"CAST({m}.value AS TEXT), CASE WHEN {m}.type IN ('integer', 'real') THEN {m}.value "
+            f"WHEN {m}.type = 'text' AND trim({m}.value) <> '' AND trim({m}.value) NOT GLOB '*[^0-9.eE+-]*' "
+            f"THEN CAST(trim({m}.value) AS REAL) END")  # fmt: skip
+
+
+_TERM = _term("m")
+
+
+def _terms(image_id: str, rows: str, metadata: str, where: str) -> str:
+    """INSERT of the terms of `rows`' images: one per metadata key, and one per item of a list (a feed's
+    colours "Red/Blue" are stored as ["Red", "Blue"]: `color=red` matches the product)."""
+    return (
+        f"INSERT INTO image_terms(image_id, key, value, num) "
+        f"SELECT {image_id}, m.key, {_term('m')} FROM {rows}, json_each({metadata}) m "
+        f"WHERE {where} AND m.type <> 'array' "
+        f"UNION ALL SELECT {image_id}, m.key, {_term('v')} FROM {rows}, json_each({metadata}) m, "
+        f"json_each(m.value) v WHERE {where} AND m.type = 'array' AND v.type NOT IN ('array', 'object')"
+    )
+
+
+_HAS_LIST = "EXISTS (SELECT 1 FROM json_each(p.metadata) a WHERE a.type = 'array')"
 MIGRATIONS: dict[int, list[str]] = {
     1: [
         "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -85,6 +106,22 @@ MIGRATIONS: dict[int, list[str]] = {
         "CREATE TABLE image_log (seq INTEGER PRIMARY KEY AUTOINCREMENT, image_id INTEGER NOT NULL)",
         "CREATE TRIGGER image_log_drop AFTER DELETE ON images BEGIN "
         "INSERT INTO image_log(image_id) VALUES (old.id); END",
+    ],
+    # v5: a metadata value that is a list gives a term per item (it was one term, the list's JSON)
+    5: [
+        "DROP TRIGGER image_terms_add",
+        "DROP TRIGGER image_terms_product",
+        f"""CREATE TRIGGER image_terms_add AFTER INSERT ON images BEGIN
+            {_terms("new.id", "products p", "p.metadata", "p.product_id = new.product_id")};
+        END""",
+        f"""CREATE TRIGGER image_terms_product AFTER UPDATE OF metadata ON products
+            WHEN old.metadata IS NOT new.metadata BEGIN
+            DELETE FROM image_terms WHERE image_id IN (SELECT id FROM images WHERE product_id = new.product_id);
+            {_terms("i.id", "images i", "new.metadata", "i.product_id = new.product_id")};
+        END""",
+        f"DELETE FROM image_terms WHERE image_id IN (SELECT i.id FROM images i JOIN products p USING(product_id) "
+        f"WHERE {_HAS_LIST})",
+        _terms("i.id", "images i JOIN products p USING(product_id)", "p.metadata", _HAS_LIST),
     ],
 }
 

@@ -20,6 +20,11 @@ class Match:
         return {"product_id": self.product_id, "score": round(self.score, 6), "image": self.image,
                 "metadata": self.metadata}  # fmt: skip
 
+    def shown(self, key: str) -> str:
+        """A metadata value as people read it: a list (a feed's colours) as "Red/White"."""
+        value = self.metadata.get(key, "")
+        return "/".join(map(str, value)) if isinstance(value, list) else str(value)
+
 
 @dataclass
 class QueryInfo:
