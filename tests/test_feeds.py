@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -17,8 +18,9 @@ from test_hardening import cli, shoes
 
 from lookalike import Catalog
 from lookalike.errors import BadImageError, LookalikeError
-from lookalike.fetching import Fetcher, FetchOptions, prefetch
+from lookalike.fetching import LAG, Fetcher, FetchOptions, in_order, prefetch
 from lookalike.images import Limits
+from lookalike.records import DB_NAME
 from lookalike.sources import Columns, Item, SourceProblem, iter_source
 
 TRUSTED = Limits(allow_private_urls=True)
@@ -54,10 +56,11 @@ def test_merchant_tsv_gives_every_image_and_the_metadata(tmp_path):
                    "https://cdn.test/1d.jpg"]  # fmt: skip
     meta = next(i.metadata for i in items if i.product_id == "RUN-1-RED")
     assert meta["price"] == 1299.5 and meta["currency"] == "USD" and meta["availability"] == "in_stock"
-    assert meta["item_group_id"] == "RUN-1" and meta["color"] == "Red/White"
+    assert meta["item_group_id"] == "RUN-1" and meta["color"] == ["Red", "White"]
     assert meta["product_type"] == "Shoes > Sneakers"
     assert meta["title"] == "Runner red" and meta["link"] == "https://shop.test/p/1" and meta["brand"] == "Acme"
     assert [i.product_id for i in items].count("RUN-1-BLUE") == 1
+    assert next(i.metadata for i in items if i.product_id == "RUN-1-BLUE")["color"] == "Blue"  # one: text
     reasons = sorted(p.reason for p in problems)
     assert len(reasons) == 3 and not any(p.warning for p in problems)
     assert any("no id" in r for r in reasons) and any("no image_link" in r for r in reasons)
@@ -130,7 +133,7 @@ def test_shopify_exports_with_image_rows_variants_and_drafts(tmp_path, header):
     assert [(i.product_id, i.image.rsplit("/", 1)[1]) for i in items] == [
         ("runner", "r1.jpg"), ("runner", "r2.jpg"), ("runner", "r-blue.jpg"), ("boot", "b1.jpg")]  # fmt: skip
     assert items[0].metadata == {"title": "Runner, the classic", "brand": "Acme", "product_type": "Sneakers",
-                                 "price": 89.0, "color": "Red/Blue", "status": "active"}  # fmt: skip
+                                 "price": 89.0, "color": ["Red", "Blue"], "status": "active"}  # fmt: skip
     (hidden,) = problems
     assert hidden.warning and "2 draft or archived" in hidden.reason and "secret (draft)" in hidden.reason
 
@@ -160,6 +163,7 @@ class ImageServer:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # else each body waits 40 ms for the client's delayed ACK
 
             def log_message(self, *args) -> None:
                 pass
@@ -231,32 +235,59 @@ def test_fetcher_honours_retry_after_and_gives_up_with_the_status(image_server):
     fetcher.close()
 
 
-def test_prefetch_runs_ahead_within_its_window_in_order():
+def test_prefetch_runs_ahead_within_its_window_and_hands_out_what_is_ready():
     started, taken = [0], [0]
     ahead = []
 
     def fetch_one(n: int) -> int:
         started[0] += 1
+        if n == 3:  # a URL waiting for its retry
+            time.sleep(0.3)
         return n
 
     out = []
-    for n, future in prefetch(range(200), fetch_one, workers=8, window=16):
-        out.append((n, future.result()))
+    for position, n, future in prefetch(range(200), fetch_one, workers=8, window=16):
+        assert future.done() and position == n
+        out.append(future.result())
         taken[0] += 1
         time.sleep(0.001)
         ahead.append(started[0] - taken[0])
-    assert out == [(n, n) for n in range(200)] and max(ahead) <= 16
+    assert sorted(out) == list(range(200)) and max(ahead) <= 16
+    assert out.index(3) > 3 and out.index(4) < out.index(3)  # the slow one held up nothing behind it
+    assert [v for batch in in_order([[(2, "c"), (0, "a")], [(1, "b")], [(3, "d")]]) for v in batch] == list("abcd")
+
+
+def test_prefetch_starts_nothing_far_past_a_stuck_fetch():
+    release, furthest = threading.Event(), []
+    started = []
+
+    def fetch_one(n: int) -> int:
+        started.append(n)
+        if n == 0:
+            release.wait(5)
+        return n
+
+    def unstick() -> None:
+        furthest.append(max(started))
+        release.set()
+
+    timer = threading.Timer(0.5, unstick)
+    timer.start()
+    got = [n for _, n, _ in prefetch(range(1000), fetch_one, workers=4, window=4)]
+    timer.join()
+    assert sorted(got) == list(range(1000)) and got[0] != 0
+    assert furthest[0] <= LAG * 4 + 4  # what waits behind item 0 for its turn stays bounded
 
 
 def feed_of(server: ImageServer, path: Path) -> Path:
     """A Merchant Center TSV of the server's images: three items of two images, items 1 and 2 variants
     of one model."""
     names = sorted(server.files)
-    rows = ["id\ttitle\timage_link\tadditional_image_link\titem_group_id\tprice"]
-    for n in range(3):
+    rows = ["id\ttitle\timage_link\tadditional_image_link\titem_group_id\tprice\tcolor"]
+    for n, colour in enumerate(("Red/White", "Blue", "White")):
         a, b = names[2 * n], names[2 * n + 1]
         rows.append(f"item{n}\tShoe {n}\t{server.url}/{a}\t{server.url}/{b}\t{'model-a' if n < 2 else 'model-b'}\t"
-                    f"{50 + n}.00 USD")  # fmt: skip
+                    f"{50 + n}.00 USD\t{colour}")  # fmt: skip
     path.write_text("\n".join(rows) + "\n")
     return path
 
@@ -276,6 +307,9 @@ def test_a_feed_indexes_through_the_pool_retries_and_re_fetches_only_what_change
         assert report.added == 6 and not report.failed and report.downloads["retries"] == 1
         times = [t for t, n, _ in image_server.log if n == slow]
         assert len(times) == 2 and times[1] - times[0] >= 0.95  # Retry-After: 1 was honoured
+        with sqlite3.connect(tmp_path / "cat" / DB_NAME) as db:  # stored in the feed's order all the same
+            stored = [name.rsplit("/", 1)[1] for (name,) in db.execute("SELECT image FROM images ORDER BY id")]
+        assert stored == sorted(image_server.files)
         assert cat.product("item0")["metadata"]["price"] == 50.0
         image_server.log.clear()
         again = cat.index(feed)  # nothing changed: conditional requests, no body, nothing embedded
@@ -291,6 +325,8 @@ def test_a_feed_indexes_through_the_pool_retries_and_re_fetches_only_what_change
         collapsed = cat.search(query, k=3, min_score=-1, collapse="item_group_id").results
         assert sorted(plain) == ["item0", "item1", "item2"]
         assert [m.product_id for m in collapsed] == ["item1", "item2"]
+        white = cat.search(query, k=3, min_score=-1, where={"color": "white"}).results  # one of two colours
+        assert sorted(m.product_id for m in white) == ["item0", "item2"]
 
 
 def test_index_cli_takes_the_private_address_opt_in(tmp_path, image_server):
@@ -306,5 +342,8 @@ def test_index_cli_takes_the_private_address_opt_in(tmp_path, image_server):
                  "--min-score", "-1", "--json")  # fmt: skip
     found = [m["product_id"] for m in json.loads(search.stdout)["results"]]
     assert search.returncode == 0 and found == ["item1", "item2"]
+    white = cli("search", str(photo), "--catalog", str(tmp_path / "b"), "--where", "color=WHITE", "--min-score", "-1")
+    assert white.returncode == 0 and "item0" in white.stdout and "color=Red/White" in white.stdout
+    assert "item1" not in white.stdout and "item2" in white.stdout
     refused = cli("search", "--product", "item0", "--catalog", str(tmp_path / "b"), "--collapse", "item_group_id")
     assert refused.returncode == 2 and "--collapse applies to a photo search" in refused.stderr

@@ -2,8 +2,8 @@
 
 A feed's images sit on a CDN 100-200 ms away; the models take tens of ms an image. Fetching them in the
 model workers pays that wait in series with the models. Here a pool of fetch threads (`Fetcher`) runs
-ahead of the model workers through a bounded window (`prefetch`): memory stays bounded whatever the
-feed's size, and the models always have images waiting. Each fetch keeps the guards of
+ahead of the model workers through a bounded window (`prefetch`), handing out photos as they arrive:
+memory stays bounded whatever the feed's size, and the models always have images waiting. Each fetch keeps the guards of
 `images.fetch` (public addresses unless allowed, one deadline, the size limit); connections are kept
 alive and capped per host; timeouts, 429 and 5xx are tried again after a backoff or the server's
 Retry-After; conditional requests (`FetchState`'s validators) skip images that have not changed.
@@ -11,16 +11,18 @@ Retry-After; conditional requests (`FetchState`'s validators) skip images that h
 
 from __future__ import annotations
 
+import queue
 import random
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from lookalike.images import DEFAULT_LIMITS, Connections, Fetched, FetchError, Limits, fetch
+
+LAG = 8  # windows a fetch may start past the oldest one not yet taken (`prefetch`)
 
 
 @dataclass(frozen=True)
@@ -85,21 +87,48 @@ class Fetcher:
         self.connections.close()
 
 
-def prefetch(items: Iterable, fetch_one: Callable, workers: int, window: int) -> Iterator[tuple[object, Future]]:
-    """(item, future of fetch_one(item)) in the items' order, with at most `window` fetches started and
-    not yet taken: the consumer's pace bounds memory, and `workers` threads keep the window full. The
-    order is kept so that a catalog's rows (their ids) come out the same on every run and on Ray; the
-    window runs far enough ahead (seconds of model work) that a URL's retry is usually done before
-    the model workers reach it."""
-    pending: deque = deque()
+def prefetch(items: Iterable, fetch_one: Callable, workers: int, window: int
+             ) -> Iterator[tuple[int, object, Future]]:  # fmt: skip
+    """(position, item, future of fetch_one(item)) for every item, each once its fetch is done, in the
+    order they finish: a URL waiting for its retry holds up no model worker (`in_order` puts the results
+    back in the items' order before they are stored, so a catalog's ids are the same on every run and
+    on Ray). At most `window` fetches are started and not yet taken, so the consumer's pace bounds
+    memory and `workers` threads keep the window full while it works; none starts more than `LAG`
+    windows past the oldest one not taken, which bounds what `in_order` holds back."""
+    pending: dict[Future, tuple[int, object]] = {}
+    finished: queue.SimpleQueue[Future] = queue.SimpleQueue()  # each fetch puts itself here when done
+    source = enumerate(items)
+    following = next(source, None)  # the next item to fetch
     with ThreadPoolExecutor(workers, thread_name_prefix="fetch") as pool:
         try:
-            for item in items:
-                pending.append((item, pool.submit(fetch_one, item)))
-                if len(pending) >= window:
-                    yield pending.popleft()
-            while pending:
-                yield pending.popleft()
+            while pending or following:
+                oldest = min((at for at, _ in pending.values()), default=following[0] if following else 0)
+                while following and len(pending) < window and following[0] - oldest <= LAG * window:
+                    future = pool.submit(fetch_one, following[1])
+                    pending[future] = following
+                    future.add_done_callback(finished.put)
+                    following = next(source, None)
+                if pending:
+                    future = finished.get()
+                    position, item = pending.pop(future)
+                    yield position, item, future
         finally:  # the consumer stopped early (an error, ctrl-c): fetches not started are dropped
-            for _, future in pending:
+            for future in pending:
                 future.cancel()
+
+
+def in_order(batches: Iterable[list[tuple[int, object]]]) -> Iterator[list]:
+    """Batches of (position, value), positions 0, 1, 2, ... each once in any order -> batches of the
+    values in position order: a value done early waits for those before it."""
+    waiting: dict[int, object] = {}
+    following = 0
+    for batch in batches:
+        waiting.update(batch)
+        ready = []
+        while following in waiting:
+            ready.append(waiting.pop(following))
+            following += 1
+        if ready:
+            yield ready
+    if waiting:
+        raise AssertionError(f"positions missing before {min(waiting)}")

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from lookalike.encoder import BATCH, Encoder, Progress, StageProgress, run_parallel, safely, stage
 from lookalike.fetch_state import FetchState
-from lookalike.fetching import Fetcher, prefetch
+from lookalike.fetching import Fetcher, in_order, prefetch
 from lookalike.images import Photo, describe, is_url, sha256_bytes
 from lookalike.prepare import absolute, prepare
 from lookalike.records import ImageRecord, Records
@@ -53,10 +53,10 @@ def embed_source(records: Records, encoder: Encoder, source: str | Path | Iterab
     else:
         read = _reader(encoder, fetcher, state, items, known, fresh, stage(progress, "fetching"))
         window = FETCH_WINDOW + BATCH * threads  # images read ahead of the models: what bounds memory
-        pairs = prefetch(items, read, fetcher.options.connections, window)
-        one = safely(lambda pair: _prepare(encoder, pair, known, sid, not dry_run))
-        batches = ([(pair[0], outcome) for pair, outcome in batch]
-                   for batch in run_parallel(one, pairs, threads, bar, total=len(items)))  # fmt: skip
+        fetched = prefetch(items, read, fetcher.options.connections, window)  # as they arrive
+        one = safely(lambda got: _prepare(encoder, got[1:], known, sid, not dry_run))
+        batches = in_order([(got[0], (got[1], outcome)) for got, outcome in batch]  # stored in the source's order
+                           for batch in run_parallel(one, fetched, threads, bar, total=len(items)))  # fmt: skip
     claimed: list[Key] = []
     try:
         for batch in batches:
