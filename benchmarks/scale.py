@@ -195,11 +195,10 @@ def measure(directory: Path, options: dict, data: Path, images: int) -> dict:
     if "shots" in d.files:  # catalog-photo queries: the catalog's own domain
         p50, p99, recall = run(2, d["shots"], d["shot_truth"])
         out["catalog_queries"] = {"p50_ms": round(p50, 2), "p99_ms": round(p99, 2), "recall_at_10": round(recall, 4)}
+
     # filters allowing 1%, 10% and 90% of the products (a brand, a price range): as exact as unfiltered?
-    out["filtered_p50_ms"], out["filtered_recall_at_10"] = {}, {}
-    for share, (where, allowed) in FILTERS.items():
-        if f"filtered_{share}" not in d.files:  # data of an older run
-            continue
+    def filtered(share: str) -> tuple[float, float]:
+        where, allowed = FILTERS[share]
         lat, hits = [], 0
         for q, t in zip(queries, d[f"filtered_{share}"], strict=True):
             t1 = time.perf_counter()
@@ -207,8 +206,21 @@ def measure(directory: Path, options: dict, data: Path, images: int) -> dict:
             lat.append((time.perf_counter() - t1) * 1000)
             hits += len({int(h.image.rsplit("/", 1)[1].split(".")[0]) + 1 for h in found} & set(t.tolist()))
             assert all(allowed(int(h.product_id[1:])) for h in found)
-        out["filtered_p50_ms"][share] = round(statistics.median(lat), 2)
-        out["filtered_recall_at_10"][share] = round(hits / (10 * len(queries)), 4)
+        return round(statistics.median(lat), 2), round(hits / (10 * len(queries)), 4)
+
+    out["filtered_p50_ms"], out["filtered_recall_at_10"] = {}, {}
+    for share in FILTERS:
+        if f"filtered_{share}" in d.files:  # else data of an older run
+            out["filtered_p50_ms"][share], out["filtered_recall_at_10"][share] = filtered(share)
+    if hasattr(index, "nprobe") and "filtered_10%" in d.files:  # the compact index's filter probes, at 10%
+        from lookalike.index import compact
+
+        default, out["filter_probes_sweep"] = compact.FILTER_PROBES, []
+        for compact.FILTER_PROBES in (0.0, 0.05, 0.1, 0.15, 0.2):
+            p50, recall = filtered("10%")
+            out["filter_probes_sweep"].append({"exponent": compact.FILTER_PROBES, "p50_ms": p50,
+                                               "recall_at_10": recall})  # fmt: skip
+        compact.FILTER_PROBES = default
     after = rss()
     out["ram_bytes_per_image"] = round((after["RssAnon"] - before["RssAnon"]) / images)
     out["ram_file_backed_bytes_per_image"] = round((after["RssFile"] - before["RssFile"]) / images)

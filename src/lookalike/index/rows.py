@@ -64,7 +64,7 @@ def _floats(shape: tuple[int, int]) -> np.ndarray:
     """A float32 array of this shape, reused by the calling thread's next call (its values are not kept)."""
     buffer = getattr(_scratch, "floats", None)
     if buffer is None or buffer.size < shape[0] * shape[1]:
-        buffer = _scratch.floats = np.empty(max(shape[0] * shape[1], 1 << 20), dtype=np.float32)
+        buffer = _scratch.floats = np.empty(shape[0] * shape[1], dtype=np.float32)
     return buffer[: shape[0] * shape[1]].reshape(shape)
 
 
