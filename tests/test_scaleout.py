@@ -180,6 +180,32 @@ def test_ray_indexing_gives_the_local_catalog_and_the_same_report(tmp_path, snea
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
 
 
+def test_ray_fetches_a_feed_s_urls_in_a_stage_of_its_own_and_gives_the_local_catalog(tmp_path, sneaker_folder):
+    """Issue 26: a Merchant feed of URLs indexed on Ray (its fetch stage before the actors) gives the
+    rows and the failure lines the local fetch pool gives; a 503 is tried again there too."""
+    from test_feeds import ImageServer, feed_of
+    from test_hardening import shoes
+
+    server = ImageServer({f"{p}-{img.name}": img.read_bytes() for p, img in shoes(sneaker_folder, 3)})
+    try:
+        feed = feed_of(server, tmp_path / "feed.tsv")
+        with open(feed, "a") as f:
+            f.write(f"gone\tGone\t{server.url}/missing.jpg\t\tmodel-c\t9.00 USD\tBlack\n")
+        out = {}
+        for name, extra in (("local", ()), ("ray", ("--ray", "--workers", "2"))):
+            server.first[sorted(server.files)[1]] = (503, None)
+            out[name] = cli("index", str(feed), "--catalog", str(tmp_path / name), "--allow-private-urls", "-q", *extra)
+    finally:
+        server.close()
+    assert out["local"].returncode == out["ray"].returncode == 3
+    assert out["ray"].stderr.strip().splitlines() == out["local"].stderr.strip().splitlines()
+    assert "missing.jpg" in out["ray"].stderr and "404" in out["ray"].stderr
+    q = "SELECT id, product_id, image, sha256, vector, crop, box, source FROM images ORDER BY id"
+    rows = [sqlite3.connect(tmp_path / name / "catalog.db").execute(q).fetchall() for name in ("local", "ray")]
+    assert len(rows[0]) == 6 and rows[0] == rows[1]
+    assert sum(1 for _, n, _ in server.log if n == sorted(server.files)[1]) == 4  # 503, then 200, on each
+
+
 def test_ray_refuses_a_cluster_it_cannot_join(tmp_path, sneaker_folder):
     done = cli("index", str(sneaker_folder), "--catalog", str(tmp_path / "cat"), "--ray", "ray://127.0.0.1:1",
                check=False, timeout=300)  # fmt: skip

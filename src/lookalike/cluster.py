@@ -2,8 +2,10 @@
 of actors (each loads its ONNX sessions once), on this machine or a Ray cluster; the records come
 back, in order, to the one process that writes them to the store. Each photo takes exactly the path
 it takes locally (`prepare.prepare`, one intra-op thread), so the vectors and the bad-input report
-are the same. On a cluster every worker must reach the images (shared storage or URLs) and have
-lookalike and its model files installed.
+are the same. Image URLs are downloaded by a stage before the actors (`fetch_stage`: many at a time,
+with the local fetch pool's guards and retries), which Ray Data streams ahead of them, so the models
+do not wait for the network one photo at a time. On a cluster every worker must reach the images
+(shared storage or URLs) and have lookalike and its model files installed.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import pickle
 import sys
 import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import numpy as np
@@ -23,11 +26,12 @@ import numpy as np
 from lookalike.config import PipelineConfig
 from lookalike.encoder import BATCH, Encoder, Progress, safely
 from lookalike.errors import LookalikeError
-from lookalike.images import Limits
+from lookalike.images import Limits, Photo, describe, sha256_bytes
 from lookalike.sources import Item
 
 LOCAL = "local"  # start a Ray instance on this machine (as ray.init(address="local") does)
 BLOCK = 128  # rows per Ray block: small enough that results stream back while the rest is embedded
+FETCH_BATCH = 16  # URLs a fetch task downloads at once
 
 
 class RayRunner:
@@ -84,6 +88,10 @@ class RayRunner:
             warnings.simplefilter("ignore", DeprecationWarning)  # Ray's spelling of max_restarts is changing
             # max_restarts 0: a lost actor fails the run rather than being restarted (a rerun picks up
             # where it stopped: what was written is skipped as unchanged)
+            # URLs are fetched by a stage of their own, many at a time, streaming ahead of the actors (no
+            # CPU asked: the actors hold every CPU; its tasks wait on the network)
+            dataset = dataset.map_batches(fetch_stage(limits), batch_size=FETCH_BATCH, batch_format="numpy",
+                                          num_cpus=0)  # fmt: skip
             dataset = dataset.map_batches(
                 actor_class(config.to_json(), limits, source, embed),
                 compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1, batch_size=16, batch_format="numpy",
@@ -125,6 +133,37 @@ def _quiet_shutdown() -> None:
             ray.shutdown()
 
 
+def fetch_stage(limits: Limits) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """The stage before the actors: a batch's image URLs downloaded at once (`fetching.Fetcher`: guards,
+    retries, a cap per host) into a `body` column, or the reason one failed into `error`; a path is left
+    for the actor to read. Conditional requests stay local (`fetch.db` is the catalog's)."""
+
+    def fetch_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from lookalike.errors import BadImageError
+        from lookalike.fetching import Fetcher
+        from lookalike.images import is_url
+
+        fetcher = Fetcher(limits)
+
+        def one(image: str) -> tuple[bytes, str]:
+            if not is_url(image):
+                return b"", ""
+            try:
+                return fetcher.get(image).data or b"", ""
+            except BadImageError as e:
+                return b"", e.reason
+
+        try:
+            with ThreadPoolExecutor(FETCH_BATCH) as pool:
+                got = list(pool.map(one, [str(i) for i in batch["image"]]))
+        finally:
+            fetcher.close()
+        return {**batch, "body": np.array([b for b, _ in got], dtype=object),
+                "error": np.array([e for _, e in got], dtype=object)}  # fmt: skip
+
+    return fetch_batch
+
+
 def actor_class(config_json: str, limits: Limits, source: str, embed: bool) -> type:
     """The Ray Data actor, its settings bound in the class (shipped with it, rather than as constructor
     arguments in the object store): an Encoder whose ONNX sessions are loaded once, with one intra-op
@@ -139,11 +178,23 @@ def actor_class(config_json: str, limits: Limits, source: str, embed: bool) -> t
 
         def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             outcomes = []
-            for product_id, image, metadata, sha in zip(batch["product_id"], batch["image"], batch["metadata"],
-                                                        batch["known"], strict=True):  # fmt: skip
+            for product_id, image, metadata, sha, body, error in zip(
+                batch["product_id"],
+                batch["image"],
+                batch["metadata"],
+                batch["known"],
+                batch["body"],
+                batch["error"],
+                strict=True,
+            ):
+                if error:  # the fetch stage's reason, as the local fetch pool reports it
+                    outcomes.append(pickle.dumps(str(error)))
+                    continue
                 item = Item(str(product_id), str(image), json.loads(str(metadata)))
                 known = {(item.product_id, item.image): (str(sha), None)} if sha else {}
-                step: Callable = safely(lambda it, known=known: self.prepare(self.encoder, it, known, source, embed))
+                photo = Photo(describe(item.image), bytes(body), sha256_bytes(bytes(body))) if len(body) else None
+                step: Callable = safely(lambda it, known=known, photo=photo: self.prepare(
+                    self.encoder, it, known, source, embed, photo=photo))  # fmt: skip
                 outcomes.append(pickle.dumps(step(item)))
             return {"n": batch["n"], "outcome": np.array(outcomes, dtype=object)}
 
