@@ -11,7 +11,8 @@ fresh catalogs with the same models and threads:
 2. `Catalog.index` of the same manifest as URLs (1 and 2 alternately, `--rounds` times;
    `allow_private_urls`, as an intranet shop would run `index --allow-private-urls`): images/s, its
    share of (1), every image indexed, peak memory, CPU seconds of this process and of the server;
-3. the URL manifest indexed again, unchanged: requests, bytes downloaded, images embedded.
+3. the URL manifest indexed again, unchanged: requests, bytes downloaded, images embedded;
+4. with `--ray N`: the files and the URLs once each on Ray Data with N workers (Ray started each time).
 Writes benchmarks/out/fetch.json.
 """
 
@@ -114,6 +115,7 @@ def main() -> None:
     ap.add_argument("--fail-share", type=float, default=0.05)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--ray", type=int, default=0, help="also files and URLs once each on Ray with N workers")
     ap.add_argument("--json", type=Path, default=OUT / "fetch.json")
     args = ap.parse_args()
     with open(DATASETS / "sneakers50" / "labels.csv", newline="") as f:
@@ -151,6 +153,19 @@ def main() -> None:
                 print(f"{name}{n}", json.dumps(out[f"{name}{n}"]), flush=True)
             shares.append(round(out[f"urls{n}"]["images_per_s"] / out[f"files{n}"]["images_per_s"], 3))
         out["urls_share_of_files"] = shares
+        if args.ray:  # Ray Data: the URLs' fetch stage before the actors, against the files
+            fresh = manifest(rows, tmp / "ray.csv", lambda n, r: f"http://127.0.0.1:{port.value}/{n}.jpg?round=ray")
+            for name, source in (("ray_files", local), ("ray_urls", fresh)):  # its URLs fail once too
+                limits = Limits(allow_private_urls=True)
+                with Catalog.open(tmp / name, create=True, limits=limits) as cat:
+                    t0 = time.perf_counter()
+                    report = cat.index(source, ray="local", workers=args.ray)  # includes starting Ray
+                    seconds = time.perf_counter() - t0
+                out[name] = {"images_per_s": round(len(rows) / seconds, 2), "seconds": round(seconds, 1),
+                             "added": report.added, "failed": len(report.failed)}  # fmt: skip
+                print(name, json.dumps(out[name]), flush=True)
+            share = out["ray_urls"]["images_per_s"] / out["ray_files"]["images_per_s"]
+            out["ray_urls_share_of_files"] = round(share, 3)
         before = (stats[0], stats[1])
         with Catalog.open(tmp / "urls0", threads=args.threads, limits=Limits(allow_private_urls=True)) as cat:
             t0 = time.perf_counter()
