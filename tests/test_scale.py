@@ -141,19 +141,25 @@ def test_filtered_search_is_as_exact_as_unfiltered_at_every_selectivity(tmp_path
     store.close()
 
 
-def test_v4_migration_fills_the_terms_of_an_existing_catalog(tmp_path):
-    db = sqlite3.connect(tmp_path / DB_NAME)
-    for v in (1, 2, 3):
+def old_catalog(directory, version: int, products: dict[str, str]) -> sqlite3.Connection:
+    """A catalog made by an older lookalike (schema `version`): these products (id -> metadata JSON),
+    one image each; the connection is left open for checks before the migration."""
+    db = sqlite3.connect(directory / DB_NAME)
+    for v in range(1, version + 1):
         for stmt in MIGRATIONS[v]:
             stmt(db) if callable(stmt) else db.execute(stmt)
-    db.execute("""INSERT INTO products VALUES ('p', '{"brand": "Nike", "price": 80}'), ('q', '{"brand": "Vans"}')""")
-    for pid in ("p", "q"):
+    for pid, metadata in products.items():
+        db.execute("INSERT INTO products VALUES (?, ?)", (pid, metadata))
         db.execute("INSERT INTO images(product_id, image, sha256, vector, crop) VALUES (?, ?, 's', ?, 'whole')",
                    (pid, f"/{pid}.jpg", unit(np.ones((1, 4)))[0].tobytes()))  # fmt: skip
     db.execute("INSERT INTO meta VALUES ('dim', '4')")
-    db.execute("PRAGMA user_version=3")
+    db.execute(f"PRAGMA user_version={version}")
     db.commit()
-    db.close()
+    return db
+
+
+def test_v4_migration_fills_the_terms_of_an_existing_catalog(tmp_path):
+    old_catalog(tmp_path, 3, {"p": '{"brand": "Nike", "price": 80}', "q": '{"brand": "Vans"}'}).close()
     store = Storage(tmp_path)
     assert [h.product_id for h in store.search(unit(np.ones(4)), 5, where={"brand": "nike"})] == ["p"]
     assert [h.product_id for h in store.search(unit(np.ones(4)), 5, where={"price": "50..100"})] == ["p"]
@@ -162,18 +168,7 @@ def test_v4_migration_fills_the_terms_of_an_existing_catalog(tmp_path):
 def test_a_list_value_is_a_term_per_item_also_in_a_v4_catalog(tmp_path):
     """Issue 26: a feed's colours "Red/White" are a list; `color=white` matches the product, in a new
     catalog, after a metadata change, and in a catalog made before v5 (its list was one term)."""
-    db = sqlite3.connect(tmp_path / DB_NAME)
-    for v in (1, 2, 3, 4):
-        for stmt in MIGRATIONS[v]:
-            stmt(db) if callable(stmt) else db.execute(stmt)
-    db.execute("""INSERT INTO products VALUES ('p', '{"color": ["Red", "White"], "brand": "Acme"}'),
-                  ('q', '{"color": "White/Blue"}')""")
-    for pid in ("p", "q"):
-        db.execute("INSERT INTO images(product_id, image, sha256, vector, crop) VALUES (?, ?, 's', ?, 'whole')",
-                   (pid, f"/{pid}.jpg", unit(np.ones((1, 4)))[0].tobytes()))  # fmt: skip
-    db.execute("INSERT INTO meta VALUES ('dim', '4')")
-    db.execute("PRAGMA user_version=4")
-    db.commit()
+    db = old_catalog(tmp_path, 4, {"p": '{"color": ["Red", "White"], "brand": "Acme"}', "q": '{"color": "White/Blue"}'})
     assert db.execute("SELECT count(*) FROM image_terms WHERE value = 'white'").fetchone()[0] == 0  # v4: one term
     db.close()
     store = Storage(tmp_path)

@@ -25,8 +25,9 @@ import numpy as np
 
 from lookalike.config import PipelineConfig
 from lookalike.encoder import BATCH, Encoder, Progress, safely
-from lookalike.errors import LookalikeError
-from lookalike.images import Limits, Photo, describe, sha256_bytes
+from lookalike.errors import BadImageError, LookalikeError
+from lookalike.fetching import Fetcher
+from lookalike.images import Limits, Photo, describe, is_url, sha256_bytes
 from lookalike.sources import Item
 
 LOCAL = "local"  # start a Ray instance on this machine (as ray.init(address="local") does)
@@ -139,10 +140,6 @@ def fetch_stage(limits: Limits) -> Callable[[dict[str, np.ndarray]], dict[str, n
     for the actor to read. Conditional requests stay local (`fetch.db` is the catalog's)."""
 
     def fetch_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from lookalike.errors import BadImageError
-        from lookalike.fetching import Fetcher
-        from lookalike.images import is_url
-
         fetcher = Fetcher(limits)
 
         def one(image: str) -> tuple[bytes, str]:

@@ -3,9 +3,9 @@
 A feed's images sit on a CDN 100-200 ms away; the models take tens of ms an image. Fetching them in the
 model workers pays that wait in series with the models. Here a pool of fetch threads (`Fetcher`) runs
 ahead of the model workers through a bounded window (`prefetch`), handing out photos as they arrive:
-memory stays bounded whatever the feed's size, and the models always have images waiting. Each fetch keeps the guards of
-`images.fetch` (public addresses unless allowed, one deadline, the size limit); connections are kept
-alive and capped per host; timeouts, 429 and 5xx are tried again after a backoff or the server's
+memory stays bounded whatever the feed's size, and the models always have images waiting. Each fetch
+keeps the guards of `images.fetch` (public addresses unless allowed, one deadline, the size limit);
+connections are kept alive and capped per host; timeouts, 429 and 5xx are tried again after a backoff or the server's
 Retry-After; conditional requests (`FetchState`'s validators) skip images that have not changed.
 """
 

@@ -76,8 +76,10 @@ def embed_source(records: Records, encoder: Encoder, source: str | Path | Iterab
                     report.failed.append((item.image, outcome))
             if not dry_run:
                 records.add([r for r in pending if r.vector is not None])
+                # validators after the records; some are of photos still waiting in `in_order`, and none
+                # vouches for an image not stored: `_reader` sends one only when its hash is the stored one
                 done = len(fresh)  # fetch threads go on appending behind this point
-                state.put(fresh[:done])  # after the records: a validator never vouches for an image not stored
+                state.put(fresh[:done])
                 del fresh[:done]
     finally:
         report.downloads = dict(fetcher.stats) if fetcher.stats["requests"] else {}

@@ -1,7 +1,8 @@
 """The compact index for large catalogs, three stages: FAISS IVF with 4-bit product-quantized codes
-(fast scan, 160 bytes an image) finds 400 to 1,000 candidates in an eighth of its lists (at least 64), 4-bit
-scalar-quantized vectors in memory (640 bytes) re-rank them, and float16 vectors on disk give the best
-k + 30 their exact inner product (`rows.py`; recall@10 against exact search and RAM per image: BENCHMARKS.md "Scale").
+(fast scan, 160 bytes an image) finds 400 to 1,000 candidates in an eighth of its lists (at least 64),
+4-bit scalar-quantized vectors in memory (640 bytes) re-rank them, and float16 vectors on disk give the
+best k + 30 their exact inner product (`rows.py`; recall@10 against exact search and RAM per image:
+BENCHMARKS.md "Scale").
 
 Saved as a snapshot beside the database: a manifest naming the IVF file, the row ids and the vector
 segments. Segments are immutable and each save writes only the rows added since the last one, so a
@@ -201,8 +202,9 @@ class CompactIndex:
         """The live rows of these ids and how to search them, kept for the same ids until the next change
         (a shop's filters repeat; for 10,000 ids of a million the lookup alone is 3 ms): a few rows are
         scored exactly (None); up to `scan_below`, a flat index of their codes and their lists (`Scan`);
-        more, a FAISS selector of them for the IVF; most of the catalog, an unfiltered search with the others dropped
-        from its candidates (a selector of 900,000 ids costs the IVF scan more than it saves)."""
+        more, a FAISS selector of them for the IVF; most of the catalog, a mask of them to drop the others
+        from an unfiltered search's candidates (a selector of 900,000 ids costs the IVF scan more than it
+        saves)."""
         last = self._last_allowed  # the filters hand the same array for the same filter: no key to compute
         if last is not None and last[0] is ids and last[1] == self._changes:
             return last[2]
@@ -286,11 +288,11 @@ class CompactIndex:
                 return self._exact(q, allowed, k)
             # a filter's best k lie as far out as the best k / share of all: probe more lists as it narrows
             share = len(allowed) / max(self.count(), 1)
-            nprobe = int(min(self.nlist, math.ceil(nprobe / share**FILTER_PROBES)))
             if isinstance(selector, Scan):  # their codes scanned, those in the probed lists
                 lists = self.nlist if len(allowed) <= self.scan_whole else \
-                    int(min(self.nlist, math.ceil(self.nprobe / share**SCAN_PROBES)))  # fmt: skip
+                    int(min(self.nlist, math.ceil(nprobe / share**SCAN_PROBES)))  # fmt: skip
                 return self._exact(q, allowed[selector.search(self.index.quantizer, q, lists, k + RESCORED)], k)
+            nprobe = int(min(self.nlist, math.ceil(nprobe / share**FILTER_PROBES)))
             if isinstance(selector, np.ndarray):  # applied after: as many allowed candidates as unfiltered has
                 post, selector, want = selector, None, math.ceil(want / share)
         while True:
