@@ -17,13 +17,16 @@ import fcntl
 import json
 import math
 import os
+import threading
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
 
 from lookalike.files import replace_atomically, save_array, sync
+from lookalike.index.filtered import OwnLists, Scan, Subset, bitmap, mask
 from lookalike.index.rows import RowStore
 
 FORMAT = 1  # of the manifest and the files it names
@@ -36,11 +39,23 @@ TRAIN_SIZE = 100_000  # vectors the coarse quantizer and codebooks learn from (t
 # a filter allowing at most this many rows has their in-memory codes scanned (~0.4 µs a row; those in
 # the lists a search probes), instead of the IVF scanning every row of those lists
 SCAN_BELOW = 25_000
-# a filter allowing a share s of the rows probes nprobe / s ** FILTER_PROBES IVF lists; its scan (below
-# SCAN_BELOW rows) nprobe / s ** SCAN_PROBES lists: a scan costs per row, not per list (BENCHMARKS.md)
-FILTER_PROBES, SCAN_PROBES = 0.05, 0.3
+# a filter allowing a share s of the rows probes nprobe / s ** FILTER_PROBES of the catalog's IVF lists
+# under a bitmap; its scan (below SCAN_BELOW rows) and its own lists nprobe / s ** SCAN_PROBES (or
+# SUBSET_PROBES) lists: they cost per row of the filter, not per list (BENCHMARKS.md "Scale")
+FILTER_PROBES, SCAN_PROBES, SUBSET_PROBES = 0.05, 0.3, 0.3
+OWN_LISTS_AT = 2  # a filter past SCAN_WHOLE rows gets lists of its own from its n-th search (0: never)
+SUBSET_ROWS = 0.5  # filters' own lists hold at most this share of the catalog's rows, all together
 SCAN_WHOLE = 4096  # a filter's rows up to this many are scanned whole (~1.6 ms): a small filter is exact
 POST_FILTER_SHARE = 0.5  # a filter allowing at least this share is searched unfiltered, then applied
+
+
+@dataclass
+class Allowed:
+    """A filter's live rows (sorted) and how they are searched (see `CompactIndex._allowed_rows`)."""
+
+    rows: np.ndarray
+    how: object = None
+    searches: int = 0
 
 
 def lists_for(expected: int) -> int:
@@ -54,17 +69,21 @@ class CompactIndex:
 
     def __init__(self, directory: Path, dim: int, expected: int, tag: str | None, nlist: int | None = None,
                  nprobe: int | None = None, rerank: int | None = None, exact_below: int = 2048,
-                 scan_below: int = SCAN_BELOW, scan_whole: int = SCAN_WHOLE, **_):  # fmt: skip
+                 scan_below: int = SCAN_BELOW, scan_whole: int = SCAN_WHOLE, own_lists_at: int = OWN_LISTS_AT,
+                 **_):  # fmt: skip
         self.directory, self.dim = Path(directory), dim
         self.nlist = nlist or lists_for(expected)
         self._nprobe, self._rerank, self.exact_below, self.scan_below = nprobe, rerank, exact_below, scan_below
-        self.scan_whole = scan_whole
+        self.scan_whole, self.own_lists_at = scan_whole, own_lists_at
         self._lists: tuple[int, np.ndarray] | None = None  # (changes, each row's IVF list)
         self.dead = np.zeros(0, dtype=np.int64)  # rows removed: still in the IVF lists, never found
         self._not_dead = None
         self._changes = 0  # adds and removes, for what is cached per filter
-        self._allowed_cache: dict[tuple, tuple] = {}
+        self._allowed_cache: dict[tuple, Allowed] = {}
         self._last_allowed: tuple | None = None  # (ids, changes, what _allowed_rows gave)
+        self._subsets: list[Subset] = []  # filters' own lists, oldest first
+        self._building: threading.Thread | None = None  # the thread copying a filter's codes
+        self._lists_lock = threading.Lock()  # the catalog's lists: writes change them, that thread reads them
         self.restored: dict | None = None
         self.damaged: str | None = None  # why a snapshot that was there could not be used
         self.index: faiss.Index | None = None
@@ -152,7 +171,7 @@ class CompactIndex:
             path.unlink(missing_ok=True)
 
     def close(self) -> None:
-        self.index = None
+        self.index, self._subsets, self._allowed_cache, self._last_allowed = None, [], {}, None
         if self.rows is not None:
             self.rows.close()
 
@@ -181,7 +200,8 @@ class CompactIndex:
             if self.index is None:
                 self._build(vectors)
             first = self.rows.next_row()  # the lists hold row numbers: no id lookup per candidate
-            self.index.add_with_ids(vectors, np.arange(first, first + len(ids), dtype=np.int64))
+            with self._lists_lock:
+                self.index.add_with_ids(vectors, np.arange(first, first + len(ids), dtype=np.int64))
         finally:
             faiss.omp_set_num_threads(1)  # one query at a time is fastest on one thread (see local.py)
         self.rows.append(ids, vectors)
@@ -202,30 +222,72 @@ class CompactIndex:
         """The live rows of these ids and how to search them, kept for the same ids until the next change
         (a shop's filters repeat; for 10,000 ids of a million the lookup alone is 3 ms): a few rows are
         scored exactly (None); up to `scan_below`, a flat index of their codes and their lists (`Scan`);
-        more, a FAISS selector of them for the IVF; most of the catalog, a mask of them to drop the others
-        from an unfiltered search's candidates (a selector of 900,000 ids costs the IVF scan more than it
-        saves)."""
+        more, a FAISS selector of them for the IVF; either replaced by lists of their own once the
+        filter is searched again (`Subset`, built beside the searches: a one-off filter, a price
+        slider's, is not worth their copy); most of the catalog, a mask of them to drop the others from
+        an unfiltered search's candidates (a selector of 900,000 ids costs the IVF more than it saves)."""
         last = self._last_allowed  # the filters hand the same array for the same filter: no key to compute
         if last is not None and last[0] is ids and last[1] == self._changes:
-            return last[2]
-        # keyed by a sample of the ids (hashing all of 900,000 ids cost 10 ms a search), their count and sum
-        key = (hash(ids[:: max(1, len(ids) // 4096)].tobytes()), len(ids), int(ids.sum()), self._changes)
-        if key not in self._allowed_cache:
-            rows = self.rows.rows_of(ids)
-            rows = np.sort(rows[rows >= 0])
-            how = None
-            if len(rows) >= POST_FILTER_SHARE * self.count():  # a mask of the rows: a look-up per candidate
-                how = np.zeros(self.rows.next_row(), dtype=bool)  # (a binary search in 900,000 rows: 0.3 ms)
-                how[rows] = True
-            elif len(rows) > self.scan_below:
-                how = _bitmap(rows, self.rows.next_row())
-            elif len(rows) > self.exact_below:
-                how = Scan(self.rows.code_index(rows), self._lists_of_rows()[rows])
-            if len(self._allowed_cache) >= 16:
-                self._allowed_cache.clear()
-            self._allowed_cache[key] = rows, how
-        self._last_allowed = ids, self._changes, self._allowed_cache[key]
-        return self._allowed_cache[key]
+            entry = last[2]
+        else:
+            # keyed by a sample of the ids (hashing all of 900,000 cost 10 ms a search), their count and sum
+            key = (hash(ids[:: max(1, len(ids) // 4096)].tobytes()), len(ids), int(ids.sum()), self._changes)
+            entry = self._allowed_cache.get(key)
+            if entry is None:
+                rows = self.rows.rows_of(ids)
+                entry = Allowed(np.sort(rows[rows >= 0]))
+                if len(entry.rows) >= POST_FILTER_SHARE * self.count():  # a look-up per candidate (a
+                    entry.how = mask(entry.rows, self.rows.next_row())  # binary search in 900,000: 0.3 ms)
+                elif len(entry.rows) > self.exact_below:  # its own lists from before the change, else
+                    entry.how = self._carried_over(entry.rows) or self._first_way(entry.rows)  # see above
+                if len(self._allowed_cache) >= 16:
+                    self._allowed_cache.clear()
+                self._allowed_cache[key] = entry
+            self._last_allowed = ids, self._changes, entry
+        entry.searches += 1
+        if entry.searches >= self.own_lists_at > 0 and isinstance(entry.how, (tuple, Scan)):
+            self._build_own_lists(entry)
+        return entry.rows, entry.how
+
+    def _first_way(self, rows: np.ndarray) -> Scan | tuple:
+        if len(rows) <= self.scan_below:
+            return Scan(self.rows.code_index(rows), self._lists_of_rows()[rows])
+        return bitmap(rows, self.rows.next_row())
+
+    def _carried_over(self, rows: np.ndarray) -> OwnLists | None:
+        """A filter's own lists made before the change, brought up to date (see `Subset.cover`)."""
+        if len(rows) > self.scan_whole:
+            for subset in list(self._subsets):
+                if subset.cover(rows, self._lists_of_rows, self._lists_lock):
+                    return OwnLists(subset, mask(rows, self.rows.next_row()), len(rows))
+        return None
+
+    def _build_own_lists(self, entry: Allowed) -> None:
+        """Copy a filter's codes into lists of its own in a thread of its own (0.3 s for a 10% filter at
+        a million images), one build at a time; its searches go on the first way meanwhile. Filters'
+        lists hold at most SUBSET_ROWS of the catalog's rows together (16 MB a 10% filter at a million
+        images), the oldest dropped first (an entry of this change's cache may keep one until the next)."""
+        if len(entry.rows) <= self.scan_whole or (self._building is not None and self._building.is_alive()):
+            return
+        index, rows, size = self.index, entry.rows, self.rows.next_row()
+
+        def build() -> None:
+            subset = Subset(index, rows, self._lists_lock)
+            with self._lists_lock:
+                if self.index is not index:  # a purge numbered the rows afresh
+                    return
+                while self._subsets and sum(s.count for s in self._subsets) + len(rows) > SUBSET_ROWS * size:
+                    self._subsets.pop(0)
+                self._subsets.append(subset)
+                entry.how = OwnLists(subset, mask(rows, size), len(rows))
+
+        self._building = threading.Thread(target=build, name="lookalike-filter-lists", daemon=True)
+        self._building.start()
+
+    def wait_for_own_lists(self) -> None:
+        """Block until a filter's own lists being built are in use (tests, benchmarks)."""
+        if self._building is not None:
+            self._building.join()
 
     def _lists_of_rows(self) -> np.ndarray:
         """Each row's IVF list (the lists hold row numbers): read from the lists after each change,
@@ -265,7 +327,7 @@ class CompactIndex:
             faiss.omp_set_num_threads(1)
         self.rows.close()
         self.index, self.rows, self.dead = _fast(fresh), rows, np.zeros(0, dtype=np.int64)
-        self._not_dead = None
+        self._not_dead, self._subsets = None, []  # rows numbered afresh
         self._changes += 1
 
     # -- reads ----------------------------------------------------------------------------------
@@ -292,17 +354,23 @@ class CompactIndex:
                 lists = self.nlist if len(allowed) <= self.scan_whole else \
                     int(min(self.nlist, math.ceil(nprobe / share**SCAN_PROBES)))  # fmt: skip
                 return self._exact(q, allowed[selector.search(self.index.quantizer, q, lists, k + RESCORED)], k)
-            nprobe = int(min(self.nlist, math.ceil(nprobe / share**FILTER_PROBES)))
+            if isinstance(selector, OwnLists):  # its rows' codes only: more lists cost a tenth as much
+                nprobe = int(min(self.nlist, math.ceil(nprobe / share**SUBSET_PROBES)))
+            else:
+                nprobe = int(min(self.nlist, math.ceil(nprobe / share**FILTER_PROBES)))
             if isinstance(selector, np.ndarray):  # applied after: as many allowed candidates as unfiltered has
                 post, selector, want = selector, None, math.ceil(want / share)
         while True:
-            params = faiss.SearchParametersIVF(nprobe=min(nprobe, self.nlist))
-            if isinstance(selector, tuple):  # only live rows (above)
-                params.sel = selector[0]
-            elif len(self.dead):
-                params.sel = self._live_selector()
-            _, found = self.index.search(q, want, params=params)
-            found = found[0][found[0] >= 0]
+            if isinstance(selector, OwnLists):
+                found = selector.search(q, min(nprobe, self.nlist), want)
+            else:
+                params = faiss.SearchParametersIVF(nprobe=min(nprobe, self.nlist))
+                if isinstance(selector, tuple):  # only live rows (above)
+                    params.sel = selector[0]
+                elif len(self.dead):
+                    params.sel = self._live_selector()
+                _, found = self.index.search(q, want, params=params)
+                found = found[0][found[0] >= 0]
             if post is not None:  # dropped after: the rows the filter does not allow
                 found = found[post[found]]
             if len(found) >= min(k, self.count() if allowed is None else len(allowed)) or nprobe >= self.nlist:
@@ -322,37 +390,6 @@ class CompactIndex:
         scores = self.rows.vectors(rows) @ q[0]
         top = np.argsort(-scores, kind="stable")[:k]
         return self.rows.ids_of(rows[top]), scores[top].astype(np.float32)
-
-
-class Scan:
-    """A filter's rows' 4-bit codes in a flat index (position i: its i-th row) and each row's IVF list:
-    a search scans those in the lists nearest the query (FAISS skips the others before their distance),
-    ~0.4 µs a row, where the IVF would scan every row of those lists."""
-
-    def __init__(self, codes: faiss.IndexScalarQuantizer, lists: np.ndarray):
-        self.codes, self.lists = codes, lists
-
-    def search(self, quantizer: faiss.Index, q: np.ndarray, nprobe: int, n: int) -> np.ndarray:
-        """Positions of the best n rows by their codes among those in the nprobe lists nearest q."""
-        params = None
-        if nprobe < quantizer.ntotal:
-            _, near = quantizer.search(q, nprobe)
-            probed = np.zeros(quantizer.ntotal, dtype=bool)
-            probed[near[0][near[0] >= 0]] = True
-            bits = np.packbits(probed[self.lists], bitorder="little")  # referenced until the search ends
-            params = faiss.SearchParameters(sel=faiss.IDSelectorBitmap(len(self.lists), faiss.swig_ptr(bits)))
-        _, at = self.codes.search(q, min(n, len(self.lists)), params=params)
-        return at[0][at[0] >= 0]
-
-
-def _bitmap(rows: np.ndarray, size: int) -> tuple[faiss.IDSelector, np.ndarray]:
-    """A selector of these rows as a bitmap over every row (125 KB at a million): one memory read per
-    candidate, where a hash set of 100,000 ids costs a lookup each. Returned with the bits, which
-    FAISS does not own."""
-    mask = np.zeros(size, dtype=bool)
-    mask[rows] = True
-    bits = np.packbits(mask, bitorder="little")
-    return faiss.IDSelectorBitmap(size, faiss.swig_ptr(bits)), bits
 
 
 def _fast(index: faiss.Index) -> faiss.Index:
