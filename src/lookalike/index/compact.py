@@ -2,7 +2,8 @@
 (fast scan, 160 bytes an image) finds 400 to 1,000 candidates in an eighth of its lists (at least 64),
 4-bit scalar-quantized vectors in memory (640 bytes) re-rank them, and float16 vectors on disk give the
 best k + 30 their exact inner product (`rows.py`; recall@10 against exact search and RAM per image:
-BENCHMARKS.md "Scale").
+BENCHMARKS.md "Scale"). A filter's rows are searched one of four ways by how many they are
+(`_allowed_rows`, `filtered.py`).
 
 Saved as a snapshot beside the database: a manifest naming the IVF file, the row ids and the vector
 segments. Segments are immutable and each save writes only the rows added since the last one, so a
