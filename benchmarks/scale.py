@@ -255,6 +255,13 @@ def measure(directory: Path, options: dict, data: Path, images: int) -> dict:
     found = db.search(extra[0], 1)
     out["add_1000_s"] = round(time.perf_counter() - t1, 3)
     out["add_found"] = found[0].image.endswith("new/0.jpg")
+    # each filter's first search after that write: its ids looked up again, its rows found, its own
+    # lists (compact) brought up to date
+    out["filtered_first_after_write_ms"] = {}
+    for share, (where, _) in FILTERS.items():
+        t1 = time.perf_counter()
+        db.search(queries[1], 10, where=where)
+        out["filtered_first_after_write_ms"][share] = round((time.perf_counter() - t1) * 1000, 1)
     out["during_write"] = searches_during_write(db, queries, extra)
     t1 = time.perf_counter()
     db.close()

@@ -408,3 +408,13 @@ def test_a_writers_catch_up_lets_searches_in(tmp_path):
     assert store.search(-data[3], 1)[0].image == "/img/10003.jpg"
     assert store.live.index().count() == store.records.count()[1] == 8000
     store.close()
+
+
+def test_unique_ids_is_numpys_unique():
+    """`arrays.unique_ids` replaces np.unique (slow in NumPy 2.4) for filters and tombstones."""
+    from lookalike.arrays import unique_ids
+
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 2, 7, 5000):
+        ids = rng.integers(-3, n // 2 + 2, n)
+        assert np.array_equal(unique_ids(ids), np.unique(ids)) and unique_ids(ids).dtype == np.int64

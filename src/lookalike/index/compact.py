@@ -26,6 +26,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from lookalike.arrays import unique_ids
 from lookalike.files import replace_atomically, save_array, sync
 from lookalike.index.filtered import OwnLists, Scan, Subset, bitmap, mask
 from lookalike.index.rows import RowStore
@@ -214,7 +215,7 @@ class CompactIndex:
             return
         rows = self.rows.kill(np.asarray(ids, dtype=np.int64))
         if len(rows):
-            self.dead = np.union1d(self.dead, rows)
+            self.dead = unique_ids(np.concatenate([self.dead, rows]))
             self._not_dead = None
             self._dirty = True
             self._changes += 1
