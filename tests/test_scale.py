@@ -320,12 +320,21 @@ def test_many_removals_are_re_encoded_at_save_and_the_catalog_still_answers(tmp_
     data, rng = clustered(8000)
     store = Storage(tmp_path, large_from=3000)
     store.records.add(records(data))
-    store.search(data[0], 1)  # the compact index is built, then half the catalog goes
+    store.search(data[0], 1)  # the compact index is built; a filter gets lists of its own
+    index, where = store.live.index(), {"price": "..39"}
+    index.scan_whole, index.scan_below = 500, 1000
+    for _ in range(2):
+        store.search(data[3], 10, where=where)
+    index.wait_for_own_lists()
+    assert len(index._subsets) == 1
     removed = len(store.records.remove(products=[f"p{i}" for i in range(0, 2667, 2)]))  # half the lists dead
-    index = store.live.index()
     assert len(index.dead) == removed == 4001
     store.live.flush()
     assert len(index.dead) == 0 and index.index.ntotal == 8000 - removed  # re-encoded: dead rows gone
+    assert not index._subsets  # they held the old row numbers
+    found = store.search(data[3], 10, where=where)
+    assert found[0].image == "/img/3.jpg" and all(int(h.product_id[1:]) % 2 and int(h.product_id[1:]) % 100 <= 39
+                                                  for h in found)  # fmt: skip
     for i in (1 * 3, 7 * 3 + 1, 2665 * 3):  # kept products (odd numbers), found first
         assert store.search(data[i], 1)[0].image == f"/img/{i}.jpg"
     assert "p2" not in {h.product_id for h in store.search(data[6], 10)}
