@@ -260,7 +260,7 @@ class CompactIndex:
         """A filter's own lists made before the change, brought up to date (see `Subset.cover`)."""
         if len(rows) > self.scan_whole:
             for subset in list(self._subsets):
-                if subset.cover(rows, self._lists_of_rows, self._lists_lock):
+                if subset.cover(rows, self._lists_of_rows):
                     return OwnLists(subset, mask(rows, self.rows.next_row()), len(rows))
         return None
 

@@ -60,19 +60,20 @@ class Subset:
     (`cover`). They share the catalog's coarse quantizer, so they live only as long as its IVF."""
 
     def __init__(self, index: faiss.IndexIVFPQFastScan, rows: np.ndarray, lock: threading.Lock):
-        self.index, self.held = index, np.zeros(index.ntotal, dtype=bool)
+        """`lock`: held by whoever changes the catalog's lists (`index`), taken here a list at a time."""
+        self.index, self.lock, self.held = index, lock, np.zeros(index.ntotal, dtype=bool)
         self.lists = faiss.IndexIVFPQFastScan(index.quantizer, index.d, index.nlist, index.M, index.nbits,
                                               index.metric_type, index.bbs)  # fmt: skip
         self.lists.pq, self.lists.by_residual, self.lists.is_trained = index.pq, index.by_residual, True
         self.lists.implem = index.implem
         self.nibbles = _nibbles(index)
-        self._append(rows, np.arange(index.nlist), lock)
+        self._append(rows, np.arange(index.nlist))
 
     @property
     def count(self) -> int:
         return int(self.lists.ntotal)
 
-    def cover(self, rows: np.ndarray, lists_of_rows: Callable[[], np.ndarray], lock: threading.Lock) -> bool:
+    def cover(self, rows: np.ndarray, lists_of_rows: Callable[[], np.ndarray]) -> bool:
         """Hold every one of these rows (the filter's after a change), appending the missing ones,
         unless what the filter gained and lost passes CARRY_OVER of its rows (then False)."""
         if len(self.held) < self.index.ntotal:  # rows added since (the catalog's lists number them all)
@@ -82,7 +83,7 @@ class Subset:
         if len(missing) + lost > CARRY_OVER * len(rows):
             return False
         if len(missing):
-            self._append(missing, np.unique(lists_of_rows()[missing]), lock)
+            self._append(missing, np.unique(lists_of_rows()[missing]))
         return True
 
     def search(self, q: np.ndarray, nprobe: int, n: int, allowed: np.ndarray, count: int) -> np.ndarray:
@@ -96,15 +97,15 @@ class Subset:
         found = found[0][found[0] >= 0]
         return found[allowed[found]] if extra else found
 
-    def _append(self, rows: np.ndarray, lists: np.ndarray, lock: threading.Lock) -> None:
+    def _append(self, rows: np.ndarray, lists: np.ndarray) -> None:
         """Copy these rows' codes from the catalog's lists (only `lists` hold them) to the end of ours,
-        a list at a time under `lock` (writes to the catalog's lists wait for one list at most)."""
+        a list at a time under the lock (writes to the catalog's lists wait for one list at most)."""
         want = mask(rows, len(self.held))
         source = faiss.downcast_InvertedLists(self.index.invlists)
         block, bbs = source.block_size, self.index.bbs
         byte, shift, _ = self.nibbles
         for number in lists.tolist():
-            with lock:
+            with self.lock:
                 size = source.list_size(number)
                 ids = faiss.rev_swig_ptr(source.get_ids(number), size)
                 at = np.flatnonzero(want[np.minimum(ids, len(want) - 1)] & (ids < len(want)))  # (newer: not ours)
@@ -145,26 +146,26 @@ def _nibbles(index: faiss.IndexIVFPQFastScan) -> tuple[np.ndarray, np.ndarray, n
     if key not in _LAYOUTS:
         packer, m, bbs = index.get_CodePacker(), index.M, index.bbs
         number = np.arange(bbs * m).reshape(bbs, m)
-        held = np.zeros((packer.block_size, 2), dtype=np.int64)
+        pairs = np.zeros((packer.block_size, 2), dtype=np.int64)
         for t in range(4):
             nib = ((number >> (4 * t)) & 15).astype(np.uint8)
             flat = np.ascontiguousarray(nib[:, 0::2] | (nib[:, 1::2] << 4))  # a flat code: 2 a byte, low first
             block = np.zeros(packer.block_size, dtype=np.uint8)
             packer.pack_all(faiss.swig_ptr(flat), faiss.swig_ptr(block))
-            held[:, 0] |= (block & 15).astype(np.int64) << (4 * t)
-            held[:, 1] |= (block >> 4).astype(np.int64) << (4 * t)
+            pairs[:, 0] |= (block & 15).astype(np.int64) << (4 * t)
+            pairs[:, 1] |= (block >> 4).astype(np.int64) << (4 * t)
         byte, shift = np.zeros(bbs * m, dtype=np.int64), np.zeros(bbs * m, dtype=np.uint8)
-        byte[held[:, 0]], byte[held[:, 1]] = np.arange(len(held)), np.arange(len(held))
-        shift[held[:, 1]] = 4
-        _LAYOUTS[key] = byte.reshape(bbs, m), shift.reshape(bbs, m), held
+        byte[pairs[:, 0]], byte[pairs[:, 1]] = np.arange(len(pairs)), np.arange(len(pairs))
+        shift[pairs[:, 1]] = 4
+        _LAYOUTS[key] = byte.reshape(bbs, m), shift.reshape(bbs, m), pairs
     return _LAYOUTS[key]
 
 
 def _pack(nibbles: np.ndarray, layout: tuple, bbs: int, block: int) -> np.ndarray:
     """(n, M) nibbles in FAISS's blocks of bbs codes (the last one padded with zeros)."""
-    held = layout[2]
+    pairs = layout[2]
     blocks = -(-len(nibbles) // bbs)
     flat = np.zeros((blocks * bbs, nibbles.shape[1]), dtype=np.uint8)
     flat[: len(nibbles)] = nibbles
     flat = flat.reshape(blocks, -1)
-    return np.ascontiguousarray(flat[:, held[:, 0]] | (flat[:, held[:, 1]] << 4)).reshape(-1)
+    return np.ascontiguousarray(flat[:, pairs[:, 0]] | (flat[:, pairs[:, 1]] << 4)).reshape(-1)
